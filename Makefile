@@ -1,0 +1,39 @@
+# crossmodal: `make demo`, `make test`, `make ui`. Each sets up .venv first (once; again only
+# when pyproject.toml changes).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUNS ?= runs
+UI_PORT ?= 5000
+# The CPU wheel of torch lies on these machines; installing it first keeps pip from resolving
+# a multi-GB CUDA build for the packages that depend on torch.
+TORCH := torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check --progress-bar off
+
+.PHONY: setup demo test ui clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+	@echo "crossmodal installed in $(VENV)"
+
+demo: setup
+	$(BIN)/crossmodal run pipelines/configs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
+		--backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+clean:
+	rm -rf $(RUNS)

@@ -1,0 +1,107 @@
+"""The `crossmodal` command: run a pipeline, show its DAG, show recent runs.
+
+Exit codes: 0 done, 1 a stage failed, 2 a mistake in the config or the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines import env
+
+USAGE_ERROR, STAGE_FAILED = 2, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossmodal", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline a config describes (reusing finished stages)")
+    run.add_argument("config", help="YAML config, e.g. pipelines/configs/demo.yaml")
+    run.add_argument("--only", help="comma-separated stages to run; the rest must have finished before")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and every stage after it")
+    run.add_argument("--force", action="store_true", help="re-run the selected stages even if they finished")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set shard.samples_per_shard=64 (repeatable)")
+
+    stages = sub.add_parser("stages", help="print the DAG: order, dependencies, identity and reuse state")
+    stages.add_argument("config")
+    stages.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    status = sub.add_parser("status", help="recent pipeline runs and their stages, from MLflow")
+    status.add_argument("--config", help="read the MLflow location from this config")
+    status.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./runs)")
+    status.add_argument("-n", "--limit", type=int, default=10)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    env.configure()
+    args = build_parser().parse_args(argv)
+    # Imported here so `crossmodal --help` answers without importing Ray and MLflow.
+    from pipelines.config import ConfigError
+    from pipelines.dag import PlanError
+
+    try:
+        return {"run": command_run, "stages": command_stages, "status": command_status}[args.command](args)
+    except (ConfigError, PlanError) as err:
+        print(f"crossmodal: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def command_run(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.runner import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    outcome = run_pipeline(cfg, only=only, from_stage=args.from_stage, force=args.force)
+    summary = ", ".join(f"{s.name} {s.state}" + (f" ({s.seconds:.1f} s)" if s.state == "ran" else "")
+                        for s in outcome.stages)
+    print(f"\n{outcome.status}: {summary}")
+    print(f"results under {outcome.storage_uri}")
+    print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}")
+    print(f"open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1)")
+    failure = outcome.failure
+    if failure is not None:
+        print(f"crossmodal: stage '{failure.name}' failed: {failure.error}", file=sys.stderr)
+        return STAGE_FAILED
+    return 0
+
+
+def command_stages(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.dag import identity, order
+    from pipelines.lineage import Lineage
+    from pipelines.runner import finished_result
+    from pipelines.stages import STAGES
+    from pipelines.storage import Storage
+
+    cfg = load_config(args.config, args.overrides)
+    lineage, storage, identities = Lineage(cfg.mlflow), Storage(cfg.storage.root), {}
+    print(f"{'stage':10}  {'needs':16}  {'identity':12}  state")
+    for stage in order(STAGES):
+        ident = identity(stage, getattr(cfg, stage.section), {n: identities[n] for n in stage.needs}, storage.uri)
+        identities[stage.name] = ident
+        prior = finished_result(lineage, ident)
+        state = f"finished (run {prior[0]}) -> {prior[1]}" if prior else "to run"
+        print(f"{stage.name:10}  {','.join(stage.needs) or '-':16}  {ident[:12]:12}  {state}")
+    return 0
+
+
+def command_status(args) -> int:
+    from pipelines.config import MlflowConfig, load_config
+    from pipelines.lineage import tracking_uri
+    from pipelines.status import format_status, recent_pipelines
+
+    if args.tracking_uri:
+        uri = args.tracking_uri
+    else:
+        uri = tracking_uri(load_config(args.config).mlflow if args.config else MlflowConfig())
+    print(format_status(recent_pipelines(uri, args.limit)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

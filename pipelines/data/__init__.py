@@ -1,0 +1,1 @@
+"""Data building blocks shared by the stages: sample records, the demo world, safe tar I/O."""

@@ -1,0 +1,49 @@
+"""Process environment the project needs, set where the project starts (not in the user's shell).
+
+Every entry point (the CLI, the jobs, the test suite) calls `configure()` before it imports
+ray, deepspeed, albumentations or mlflow, and the runner hands the same variables to Ray
+workers through the runtime environment so remote nodes see them too.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+
+def _has_nvidia_gpu() -> bool:
+    # Cheap check that does not import torch (1.5 s): the driver exposes device nodes.
+    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
+
+
+def project_env() -> dict[str, str]:
+    """The variables and the values the project wants; the user's own settings win."""
+    wanted = {
+        # albumentations otherwise makes a blocking HTTP request to PyPI on import.
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # One BLAS thread per process: Ray tasks and train workers already split the cores;
+        # more threads oversubscribe them (the probe saw 2.3x slower DeepSpeed steps).
+        "OMP_NUM_THREADS": "1",
+        # The MLflow server's job runner spawns 7 huey consumers we never use.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # A local Ray cluster is private to this process tree; token auth only adds noise.
+        "RAY_AUTH_MODE": "disabled",
+    }
+    if not _has_nvidia_gpu():
+        wanted["DS_ACCELERATOR"] = "cpu"
+    return {key: os.environ.get(key, value) for key, value in wanted.items()}
+
+
+def configure() -> dict[str, str]:
+    """Apply `project_env()` to this process and return it (for Ray's runtime_env)."""
+    env = project_env()
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    # torch 2.13 warns on every DeepSpeed collective; hundreds of lines per run.
+    warnings.filterwarnings(
+        "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
+    )
+    return env

@@ -1,0 +1,184 @@
+"""MLflow lineage: one parent run per pipeline run, one nested run per stage.
+
+Everything goes through `MlflowClient` by run id (no fluent active-run state), so the same
+calls work on the driver and inside Ray tasks, against a local sqlite store or a server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_GIT_COMMIT
+
+from pipelines.config import MlflowConfig
+
+KIND = "crossmodal.kind"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """Config, then $MLFLOW_TRACKING_URI, then a sqlite store under the local run folder."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = Path(cfg.local_store).expanduser().resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database; a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def git_state() -> tuple[str, bool]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    if commit.returncode != 0:
+        return "unknown", False
+    return commit.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def process_start(pid: int) -> str:
+    """Kernel start time of a process (to tell a live driver from a reused pid); '' if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows letters, digits, '_-. :/' in metric names: 'samples.image+text' -> 'samples.image_text'."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def _batched(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class StageRecord:
+    run_id: str
+    output_uri: str
+
+
+class Lineage:
+    def __init__(self, cfg: MlflowConfig):
+        self.uri = tracking_uri(cfg)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = self._experiment(cfg.experiment)
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        # Explicit location: an experiment first created inside a Ray worker would otherwise
+        # put its artifacts in that worker's ephemeral session folder.
+        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri))
+
+    # -- pipeline runs ---------------------------------------------------------------------
+    def start_pipeline(self, name: str, config_yaml: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        commit, dirty = git_state()
+        pid = os.getpid()
+        run = self.client.create_run(self.experiment_id, run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
+            KIND: "pipeline", "crossmodal.pipeline": name, "crossmodal.git_commit": commit,
+            "crossmodal.git_dirty": str(dirty).lower(), MLFLOW_GIT_COMMIT: commit,
+            "crossmodal.host": socket.gethostname(), "crossmodal.driver_pid": str(pid),
+            "crossmodal.driver_start": process_start(pid), **tags,
+        })
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        self.client.log_text(run_id, config_yaml, "config.yaml")
+        return run_id
+
+    def end_pipeline(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+    def close_abandoned(self) -> list[str]:
+        """Mark runs of drivers on this host that died without ending them (kill -9) KILLED."""
+        host, closed = socket.gethostname(), []
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{KIND}` = 'pipeline' and attributes.status = 'RUNNING'")
+        for run in runs:
+            tags = run.data.tags
+            pid = int(tags.get("crossmodal.driver_pid", "0") or 0)
+            alive = pid and process_start(pid) == tags.get("crossmodal.driver_start")
+            if tags.get("crossmodal.host") == host and not alive:
+                for child in self.children(run.info.run_id):
+                    if child.info.status == "RUNNING":
+                        self.client.set_tag(child.info.run_id, "crossmodal.state", "killed")
+                        self.client.set_terminated(child.info.run_id, "KILLED")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+        return closed
+
+    def children(self, parent_id: str):
+        return self.client.search_runs([self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+                                       order_by=["attributes.start_time ASC"])
+
+    # -- stage runs ------------------------------------------------------------------------
+    def start_stage(self, parent_id: str, stage: str, identity: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags={
+            MLFLOW_PARENT_RUN_ID: parent_id, KIND: "stage", "crossmodal.stage": stage,
+            "crossmodal.identity": identity, "crossmodal.state": "running", **tags,
+        })
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def finished_stage(self, identity: str) -> StageRecord | None:
+        """The latest stage run with this identity that finished, if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`crossmodal.identity` = '{identity}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        if not runs or not runs[0].data.tags.get("crossmodal.output_uri"):
+            return None
+        return StageRecord(runs[0].info.run_id, runs[0].data.tags["crossmodal.output_uri"])
+
+    def finish_stage(self, run_id: str, state: str, output_uri: str, metrics: dict[str, float],
+                     tables: dict[str, list[dict]], result: dict, seconds: float) -> None:
+        self.client.set_tag(run_id, "crossmodal.output_uri", output_uri)
+        self.client.set_tag(run_id, "crossmodal.state", state)
+        self.log_metrics(run_id, {**metrics, "stage_seconds": seconds})
+        for name, rows in tables.items():
+            if rows:
+                self.client.log_table(run_id, {k: [row.get(k) for row in rows] for k in rows[0]}, f"tables/{name}.json")
+        self.client.log_dict(run_id, result, "stage_result.json")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_stage(self, run_id: str, one_line: str, details: str) -> None:
+        self.client.set_tag(run_id, "crossmodal.state", "failed")
+        self.client.set_tag(run_id, "crossmodal.error", one_line[:4000])
+        self.client.log_text(run_id, details, "error.txt")
+        self.client.set_terminated(run_id, "FAILED")
+
+    # -- small helpers ---------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for chunk in _batched(items, 100):
+            self.client.log_batch(run_id, params=chunk)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(metric_name(k), float(v), now, step) for k, v in sorted(metrics.items())]
+        for chunk in _batched(items, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

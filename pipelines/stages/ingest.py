@@ -1,0 +1,234 @@
+"""Ingest: bring samples into the pipeline as records (raw bytes per modality, in Parquet parts).
+
+Sources: the bundled demo world, a folder of files grouped by key (img2dataset layout:
+`key.jpg`, `key.txt`, `key.wav`, `key.json`), a JSONL manifest (paths to image/audio files,
+text, question/answer), or existing WebDataset shards written by any tool. Samples that
+cannot be taken safely are rejected whole with a reason and counted; nothing is decoded here.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from pipelines.configbase import Strict
+from pipelines.dag import StageContext, StageError, StageResult
+from pipelines.data.demo_world import DemoWorld
+from pipelines.data.records import SCHEMA, combination, to_table
+from pipelines.data.wds_reader import Member, Rejected, assemble, read_tar, split_name, unsafe_name
+from pipelines.parallel import map_tasks
+from pipelines.storage import Storage
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+class DemoWorldConfig(Strict):
+    num_samples: int = Field(6000, ge=1, le=50_000_000)
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(64, ge=24, le=1024)
+    image_format: Literal["jpg", "png"] = "jpg"
+    sample_rate: int = Field(16000, ge=4000, le=48000)
+    audio_seconds: float = Field(1.0, gt=0.1, le=30.0)
+    audio_format: Literal["wav", "flac"] = "flac"
+    missing_image: float = Field(0.10, ge=0.0, le=1.0)
+    missing_audio: float = Field(0.15, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.missing_image + self.missing_audio > 1.0:
+            raise ValueError("missing_image + missing_audio must be at most 1")
+        return self
+
+
+class IngestConfig(Strict):
+    source: Literal["demo", "folder", "jsonl", "shards"] = "demo"
+    path: str | None = Field(None, description="folder, manifest file or shard folder/file (local path or URI)")
+    samples_per_part: int = Field(1000, ge=1, le=1_000_000)
+    max_member_mb: float = Field(64.0, gt=0.0, le=4096.0)
+    demo: DemoWorldConfig = DemoWorldConfig()
+
+    @model_validator(mode="after")
+    def _path_for_user_data(self):
+        if self.source != "demo" and not self.path:
+            raise ValueError(f"path is required when source is '{self.source}'")
+        return self
+
+    @property
+    def member_limit(self) -> int:
+        return int(self.max_member_mb * 1024 * 1024)
+
+
+@dataclass
+class Unit:
+    """One Ray task's share of the source, written to one Parquet part."""
+
+    part: int
+    kind: str
+    items: list  # demo: [start, stop]; shards: [file]; folder: [(key, [files])]; jsonl: [(line, entry)]
+
+
+class StageInputError(StageError):
+    """The user's data location is missing or unusable; a one-line message."""
+
+
+def ingest(cfg: IngestConfig, ctx: StageContext) -> StageResult:
+    units, rejected = plan_units(cfg)
+    stats = map_tasks(write_part, units, desc="ingest parts", cfg=cfg, out=ctx.output)
+    combos, reasons = Counter(), Counter(r["reason"] for r in rejected)
+    samples = 0
+    for part in stats:
+        samples += part["samples"]
+        combos.update(part["combinations"])
+        reasons.update(r["reason"] for r in part["rejected"])
+        rejected.extend(part["rejected"])
+    ctx.output.write_bytes("".join(json.dumps(r) + "\n" for r in rejected).encode(), "quarantine.jsonl")
+    metrics = {"samples": samples, "rejected": len(rejected), "parts": len(units)}
+    metrics |= {f"rejected.{reason}": n for reason, n in reasons.items()}
+    metrics |= {f"samples.{combo}": n for combo, n in combos.items()}
+    print(f"ingest: {samples} samples in {len(units)} parts, {len(rejected)} rejected {dict(reasons) or ''}")
+    return StageResult(
+        outputs={"parts": ctx.output.child("parts").uri, "quarantine": ctx.output.uri + "/quarantine.jsonl"},
+        metrics=metrics,
+        summary={"samples": samples, "rejected": dict(reasons), "combinations": dict(combos)},
+        tables={"rejected": rejected[:5000]},
+    )
+
+
+# -- planning: runs in the stage task, lists the source and cuts it into units ----------------
+def plan_units(cfg: IngestConfig) -> tuple[list[Unit], list[dict]]:
+    if cfg.source == "demo":
+        n, step = cfg.demo.num_samples, cfg.samples_per_part
+        return [Unit(i, "demo", [start, min(start + step, n)]) for i, start in enumerate(range(0, n, step))], []
+    source = Storage(cfg.path)
+    if not source.exists():
+        raise StageInputError(f"ingest.path {cfg.path}: no such file or folder")
+    if cfg.source == "shards":
+        files = shard_files(source)
+        return [Unit(i, "shards", [f]) for i, f in enumerate(files)], []
+    if cfg.source == "folder":
+        groups = folder_groups(source)
+        return chunk(groups, cfg.samples_per_part, "folder"), []
+    entries, rejected = manifest_entries(source, cfg.path)
+    return chunk(entries, cfg.samples_per_part, "jsonl"), rejected
+
+
+def chunk(items: list, size: int, kind: str) -> list[Unit]:
+    return [Unit(i, kind, items[start:start + size]) for i, start in enumerate(range(0, len(items), size))]
+
+
+def shard_files(source: Storage) -> list[str]:
+    if source.fs.get_file_info(source.path()).is_file:
+        return [source.uri]
+    files = [f for f in source.list_files() if f.endswith(SHARD_SUFFIXES)]
+    if not files:
+        raise StageInputError(f"ingest.path {source.uri}: no .tar/.tar.gz/.tgz shards found")
+    return [posixpath.join(source.uri, f) for f in files]
+
+
+def folder_groups(source: Storage) -> list[tuple[str, list[str]]]:
+    groups: dict[str, list[str]] = {}
+    for name in source.list_files():
+        groups.setdefault(split_name(name)[0], []).append(posixpath.join(source.uri, name))
+    if not groups:
+        raise StageInputError(f"ingest.path {source.uri}: the folder has no files")
+    return list(groups.items())
+
+
+def manifest_entries(source: Storage, shown: str) -> tuple[list[tuple[int, dict]], list[dict]]:
+    if not source.fs.get_file_info(source.path()).is_file:
+        raise StageInputError(f"ingest.path {shown}: a JSONL manifest must be a file")
+    entries, rejected = [], []
+    text = source.read_bytes().decode("utf-8", errors="replace")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError(f"expected an object, got {type(entry).__name__}")
+        except ValueError as err:
+            rejected.append(Rejected(f"line-{line_no}", f"{shown}:{line_no}", "", "invalid_manifest_line", str(err)).as_dict())
+            continue
+        entries.append((line_no, entry))
+    if not entries and not rejected:
+        raise StageInputError(f"ingest.path {shown}: the manifest is empty")
+    return entries, rejected
+
+
+# -- work: runs as one Ray task per unit --------------------------------------------------------
+def write_part(unit: Unit, cfg: IngestConfig, out: Storage) -> dict:
+    rows, rejected, combos = [], [], Counter()
+    with out.open_write("parts", f"part-{unit.part:05d}.parquet") as stream:
+        with pq.ParquetWriter(stream, SCHEMA, compression="zstd") as writer:
+            for item in unit_samples(unit, cfg):
+                if isinstance(item, Rejected):
+                    rejected.append(item.as_dict())
+                    continue
+                rows.append(item)
+                combos[combination(item)] += 1
+                if len(rows) == 256:  # bounded memory: one row group at a time
+                    writer.write_table(to_table(rows))
+                    rows = []
+            writer.write_table(to_table(rows))
+    return {"samples": sum(combos.values()), "rejected": rejected, "combinations": dict(combos)}
+
+
+def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
+    limit = cfg.member_limit
+    if unit.kind == "demo":
+        world = DemoWorld(**cfg.demo.model_dump(exclude={"num_samples"}))
+        start, stop = unit.items
+        yield from (world.sample(i) for i in range(start, stop))
+    elif unit.kind == "shards":
+        shard = Storage(unit.items[0])
+        with shard.fs.open_input_stream(shard.path()) as stream:
+            yield from read_tar(stream, unit.items[0], limit)
+    elif unit.kind == "folder":
+        for key, files in unit.items:
+            yield assemble(key, posixpath.dirname(files[0]), [read_member(f, limit) for f in files], limit)
+    else:
+        for line_no, entry in unit.items:
+            yield manifest_sample(cfg.path, line_no, entry, limit)
+
+
+def read_member(uri: str, limit: int, name: str | None = None) -> Member:
+    """A file as a member named `name` (default: its own basename)."""
+    name = name or posixpath.basename(uri)
+    try:
+        file = Storage(uri)
+        size = file.fs.get_file_info(file.path()).size
+        if size is None:
+            return Member(name, None, "missing_file", uri)
+        if size > limit:
+            return Member(name, None, "oversized_member", f"{size} bytes > limit {limit}")
+        return Member(name, file.read_bytes())
+    except (OSError, ValueError) as err:
+        return Member(name, None, "missing_file", f"{uri}: {err}")
+
+
+def manifest_sample(manifest: str, line_no: int, entry: dict, limit: int) -> dict | Rejected:
+    """A manifest line: {"key"?, "image"?: path, "audio"?: path, "text"?: str, other keys -> json}."""
+    origin = f"{manifest}:{line_no}"
+    key = str(entry.get("key") or f"{posixpath.splitext(posixpath.basename(manifest))[0]}-{line_no:08d}")
+    if "." in posixpath.basename(key) or unsafe_name(key):
+        return Rejected(key, origin, "key", "invalid_key", "keys may not contain '.', '..' or start with '/'")
+    base = posixpath.dirname(Storage(manifest).uri)
+    members = []
+    for field in ("image", "audio"):
+        if entry.get(field):
+            path = str(entry[field])
+            uri = path if "://" in path else posixpath.join(base, path)
+            ext = posixpath.basename(path).rsplit(".", 1)[-1] if "." in posixpath.basename(path) else "bin"
+            members.append(read_member(uri, limit, f"{key}.{ext}"))
+    if entry.get("text") is not None:
+        members.append(Member(f"{key}.txt", str(entry["text"]).encode("utf-8")))
+    meta = {k: v for k, v in entry.items() if k not in ("key", "image", "audio", "text")}
+    if meta:
+        members.append(Member(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+    return assemble(key, origin, members, limit)

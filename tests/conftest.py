@@ -1,0 +1,97 @@
+"""Shared fixtures: one real local Ray cluster per session, a fresh MLflow store per test."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipelines import env
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO.parent / "shared" / "fixtures"
+DEMO_CONFIG = REPO / "pipelines" / "configs" / "demo.yaml"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_and_ray(monkeypatch):
+    # A user's shell must not point the tests at their real tracking server or cluster.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+                 runtime_env={"env_vars": env.project_env()}, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"shared fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+def small_overrides(tmp_path: Path) -> list[str]:
+    """A few hundred demo samples, all state under tmp_path."""
+    return [
+        f"storage.root={tmp_path / 'storage'}",
+        f"mlflow.local_store={tmp_path / 'runs'}",
+        "ingest.demo.num_samples=240",
+        "ingest.samples_per_part=100",
+        "shard.samples_per_shard=32",
+    ]
+
+
+@pytest.fixture
+def demo_config(tmp_path):
+    from pipelines.config import load_config
+
+    return load_config(DEMO_CONFIG, small_overrides(tmp_path))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_until(command: list[str], ready: str, **popen):
+    """Start a server in its own process group; return once it prints `ready` (no sleeps)."""
+    import subprocess
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, **popen)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if ready in line:
+            return process
+    raise AssertionError(f"{command[0]} exited before '{ready}':\n" + "".join(seen[-40:]))
+
+
+def stop_group(process) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    process.stdout.close()

@@ -1,0 +1,120 @@
+"""Config loading: every kind of user mistake gives one line naming the file/--set, key and expectation."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import ConfigError, flatten, load_config
+from tests.conftest import DEMO_CONFIG, REPO
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, overrides)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "nightly.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "pipelines" / "configs" / name)
+    assert cfg.name == name.removesuffix(".yaml")
+
+
+def test_demo_values_and_defaults():
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.ingest.source == "demo"
+    assert cfg.ingest.demo.num_samples == 6000
+    assert cfg.shard.splits == {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert cfg.ray.local_num_cpus == 4
+
+
+def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
+    path = write(tmp_path, "name: x\nshard:\n  samples_per_shrd: 3\n")
+    assert error_of(path) == (f"{path}: shard.samples_per_shrd: unknown key "
+                              "(allowed here: samples_per_shard, splits)")
+
+
+def test_unknown_section(tmp_path):
+    message = error_of(write(tmp_path, "name: x\ntrainer: {}\n"))
+    assert "trainer: unknown key" in message and "ingest" in message and "shard" in message
+
+
+def test_wrong_type(tmp_path):
+    path = write(tmp_path, "name: x\ningest:\n  demo:\n    num_samples: many\n")
+    assert error_of(path) == (f"{path}: ingest.demo.num_samples: input should be a valid integer, "
+                              "unable to parse string as an integer (got 'many')")
+
+
+def test_out_of_range(tmp_path):
+    path = write(tmp_path, "name: x\nshard:\n  samples_per_shard: 0\n")
+    assert error_of(path) == f"{path}: shard.samples_per_shard: input should be greater than or equal to 1 (got 0)"
+
+
+def test_literal_choice(tmp_path):
+    message = error_of(write(tmp_path, "name: x\ningest:\n  source: ftp\n"))
+    assert "ingest.source: input should be 'demo', 'folder', 'jsonl' or 'shards' (got 'ftp')" in message
+
+
+def test_cross_field_rules(tmp_path):
+    assert "ingest: path is required when source is 'folder'" in error_of(
+        write(tmp_path, "name: x\ningest:\n  source: folder\n"))
+    assert "shard.splits: split fractions must sum to 1, got 0.9" in error_of(
+        write(tmp_path, "name: x\nshard:\n  splits: {train: 0.8, test: 0.1}\n"))
+
+
+def test_missing_required_name(tmp_path):
+    assert error_of(write(tmp_path, "shard: {}\n")) == f"{tmp_path / 'cfg.yaml'}: name: required key is missing"
+
+
+def test_missing_file(tmp_path):
+    assert error_of(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_invalid_yaml_names_line_and_column(tmp_path):
+    path = write(tmp_path, "name: x\nshard:\n  samples_per_shard: [1,\n")
+    assert error_of(path).startswith(f"{path}:4:1: invalid YAML")
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    assert "expected a mapping of sections" in error_of(write(tmp_path, "- a\n- b\n"))
+
+
+def test_override_sets_typed_values():
+    cfg = load_config(DEMO_CONFIG, ["shard.samples_per_shard=64", "ingest.demo.audio_format=wav",
+                                    "shard.splits={train: 0.5, test: 0.5}"])
+    assert cfg.shard.samples_per_shard == 64
+    assert cfg.ingest.demo.audio_format == "wav"
+    assert cfg.shard.splits == {"train": 0.5, "test": 0.5}
+
+
+def test_override_errors_name_the_override():
+    assert error_of(DEMO_CONFIG, ["shard.samples_per_shard=-1"]) == (
+        "--set shard.samples_per_shard=-1: shard.samples_per_shard: input should be greater than or equal to 1 (got -1)")
+    assert error_of(DEMO_CONFIG, ["shard.nope=1"]).startswith("--set shard.nope=1: shard.nope: unknown key")
+    assert error_of(DEMO_CONFIG, ["samples_per_shard"]) == "--set samples_per_shard: expected section.key=value"
+    assert error_of(DEMO_CONFIG, ["name.first=a"]) == "--set name.first=a: name is a value, not a section"
+
+
+def test_every_error_is_reported_on_one_line(tmp_path):
+    message = error_of(write(tmp_path, "name: x\nshard:\n  samples_per_shard: 0\n  extra: 1\n"))
+    assert "shard.samples_per_shard" in message and "shard.extra: unknown key" in message
+
+
+def test_digest_ignores_formatting_and_key_order(tmp_path):
+    a = write(tmp_path, "name: x\nshard: {samples_per_shard: 7, splits: {train: 0.5, test: 0.5}}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("# comment\nshard:\n  splits:\n    train: 0.5\n    test: 0.5\n  samples_per_shard: 7\nname: x\n")
+    assert load_config(a).digest() == load_config(b).digest()
+    assert load_config(a).digest() != load_config(a, ["shard.samples_per_shard=8"]).digest()
+
+
+def test_flatten_for_mlflow_params():
+    assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]}) == {"a.b": "1", "a.c.d": "None", "e": "[1, 2]"}

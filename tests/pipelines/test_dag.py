@@ -1,0 +1,81 @@
+"""The pure DAG parts: ordering, selection and stage identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.dag import PlanError, Stage, StageResult, ancestors, descendants, identity, order, select
+from pipelines.stages import STAGES
+from tests.conftest import DEMO_CONFIG
+
+
+def noop(section, ctx):
+    return StageResult()
+
+
+def stage(name, *needs):
+    return Stage(name, noop, section="shard", needs=needs)
+
+
+DIAMOND = [stage("report", "train", "evaluate"), stage("evaluate", "train"), stage("train", "prepare"), stage("prepare")]
+
+
+def names(stages):
+    return [s.name for s in stages]
+
+
+def test_order_puts_every_stage_after_its_needs():
+    assert names(order(DIAMOND)) == ["prepare", "train", "evaluate", "report"]
+
+
+def test_order_keeps_registry_order_among_independent_stages():
+    assert names(order([stage("b"), stage("a"), stage("c", "a")])) == ["b", "a", "c"]
+
+
+def test_registry_mistakes_are_one_line_errors():
+    with pytest.raises(PlanError, match="stages form a cycle: a -> b -> a"):
+        order([stage("a", "b"), stage("b", "a")])
+    with pytest.raises(PlanError, match="stage 'a' needs 'ghost', which is not a stage"):
+        order([stage("a", "ghost")])
+    with pytest.raises(PlanError, match="registered twice"):
+        order([stage("a"), stage("a")])
+
+
+def test_select_all_only_and_from():
+    ordered = order(DIAMOND)
+    assert select(ordered) == {"prepare", "train", "evaluate", "report"}
+    assert select(ordered, only=["train", "report"]) == {"train", "report"}
+    assert select(ordered, from_stage="train") == {"train", "evaluate", "report"}
+    assert select(ordered, only=["prepare", "evaluate"], from_stage="train") == {"evaluate"}
+
+
+def test_select_rejects_unknown_and_empty():
+    ordered = order(DIAMOND)
+    with pytest.raises(PlanError, match=r"unknown stage 'trian' \(stages: prepare, train, evaluate, report\)"):
+        select(ordered, only=["trian"])
+    with pytest.raises(PlanError, match="leave no stage"):
+        select(ordered, only=["prepare"], from_stage="train")
+
+
+def test_ancestors_and_descendants():
+    ordered = order(DIAMOND)
+    assert ancestors(ordered, {"report"}) == {"prepare", "train", "evaluate"}
+    assert descendants(ordered, {"train"}) == {"train", "evaluate", "report"}
+
+
+def test_identity_follows_config_inputs_code_and_storage():
+    cfg = load_config(DEMO_CONFIG)
+    ingest, shard = STAGES
+    base = identity(shard, cfg.shard, {"ingest": "i1"}, "file:///r")
+    assert base == identity(shard, load_config(DEMO_CONFIG).shard, {"ingest": "i1"}, "file:///r")
+    changed_config = load_config(DEMO_CONFIG, ["shard.samples_per_shard=3"]).shard
+    assert identity(shard, changed_config, {"ingest": "i1"}, "file:///r") != base
+    assert identity(shard, cfg.shard, {"ingest": "i2"}, "file:///r") != base
+    assert identity(shard, cfg.shard, {"ingest": "i1"}, "file:///elsewhere") != base
+    # Same config section, other code (another stage function): another identity.
+    assert identity(Stage("shard", noop, section="shard", needs=("ingest",)), cfg.shard, {"ingest": "i1"}, "file:///r") != base
+    # A stage's identity does not move when an unrelated section changes.
+    other = load_config(DEMO_CONFIG, ["ingest.demo.seed=5"])
+    assert identity(shard, other.shard, {"ingest": "i1"}, "file:///r") == base
+    assert identity(ingest, other.ingest, {}, "file:///r") != identity(ingest, cfg.ingest, {}, "file:///r")

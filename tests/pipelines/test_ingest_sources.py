@@ -1,0 +1,101 @@
+"""Ingest from user data: WebDataset shards of other tools, a folder, a JSONL manifest."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import posixpath
+import shutil
+import tarfile
+
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipelines.config import load_config
+from pipelines.runner import run_pipeline
+from pipelines.storage import Storage
+from tests.conftest import DEMO_CONFIG, small_overrides
+
+
+def ingest(tmp_path, *overrides, only=("ingest",)):
+    cfg = load_config(DEMO_CONFIG, small_overrides(tmp_path) + list(overrides))
+    outcome = run_pipeline(cfg, only=list(only), echo=lambda line: None)
+    assert outcome.status == "FINISHED", outcome.failure
+    return outcome
+
+
+def records_and_quarantine(outcome):
+    out = Storage(outcome.by_name()["ingest"].output_uri)
+    rows = [r for name in out.list_files("parts", suffix=".parquet") for r in pq.read_table(out.path(name)).to_pylist()]
+    quarantine = [json.loads(line) for line in out.read_bytes("quarantine.jsonl").decode().splitlines()]
+    return {r["key"]: r for r in rows}, quarantine
+
+
+def samples_in(tar_path) -> int:
+    """Distinct sample keys in a tar (WebDataset rule), counted independently of our reader."""
+    with tarfile.open(tar_path) as archive:
+        return len({posixpath.join(posixpath.dirname(m.name), posixpath.basename(m.name).split(".")[0])
+                    for m in archive if m.isfile()})
+
+
+def test_shards_of_other_tools_are_ingested_and_counted(tmp_path, fixtures_dir, ray_cluster):
+    source = tmp_path / "theirs"
+    shutil.copytree(fixtures_dir / "shards", source)
+    outcome = ingest(tmp_path, "ingest.source=shards", f"ingest.path={source}", only=("ingest", "shard"))
+    records, quarantine = records_and_quarantine(outcome)
+    total_in = sum(samples_in(p) for p in source.iterdir())
+    assert len(records) + len(quarantine) == total_in == 102
+    reasons = sorted(q["reason"] for q in quarantine)
+    assert reasons == ["empty_member"] * 2 + ["pickle_member"] * 3
+    assert all(q["source"].endswith(("lhotse-zero-length.tar", "speechbrain-pickled-pth.tar")) for q in quarantine)
+    # The Chinese transcript and its slash-containing key survive our own shards.
+    shards = Storage(outcome.by_name()["shard"].output_uri)
+    urls = [str(shards.local_path(p)) for p in shards.list_files(suffix=".tar")]
+    ours = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    key = "test/resources/dataset/aishell-BAC009S0724W0121"
+    assert "广州市房地产中介协会分析" in ours[key]["txt"].decode()
+    assert ours[key]["wav"] == records[key]["audio"]
+    assert len(ours) == len(records)
+
+
+def test_folder_of_files_grouped_by_key(tmp_path, fixtures_dir, ray_cluster):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(fixtures_dir / "images" / "coco-000000039769.jpg", folder / "cats.jpg")
+    (folder / "cats.txt").write_text("two cats on a pink couch")
+    shutil.copy(fixtures_dir / "images" / "pug-rgba.png", folder / "sub" / "pug.png")
+    shutil.copy(fixtures_dir / "audio" / "harvard-birch-canoe.wav", folder / "sub" / "pug.wav")
+    (folder / "sub" / "pug.json").write_text('{"question": "what animal?", "answer": "dog"}')
+    (folder / "model.pth").write_bytes(pickle.dumps([1, 2, 3]))
+    (folder / "empty.txt").write_text("")
+    records, quarantine = records_and_quarantine(ingest(tmp_path, "ingest.source=folder", f"ingest.path={folder}"))
+    assert set(records) == {"cats", "sub/pug"}
+    assert records["cats"]["image"] == (fixtures_dir / "images" / "coco-000000039769.jpg").read_bytes()
+    assert records["sub/pug"]["audio_ext"] == "wav" and records["sub/pug"]["image_ext"] == "png"
+    assert json.loads(records["sub/pug"]["json"])["answer"] == "dog"
+    assert sorted((q["key"], q["reason"]) for q in quarantine) == [("empty", "empty_member"), ("model", "pickle_member")]
+
+
+def test_jsonl_manifest_with_bad_lines(tmp_path, fixtures_dir, ray_cluster):
+    media = tmp_path / "media"
+    media.mkdir()
+    shutil.copy(fixtures_dir / "images" / "confusing-pictures.jpg", media / "ironing.jpg")
+    shutil.copy(fixtures_dir / "audio" / "spk1_snt1.wav", media / "child.wav")
+    (media / "weights.pt").write_bytes(b"PK\x03\x04....archive/data.pkl....")
+    lines = [
+        {"key": "ironing", "image": "media/ironing.jpg", "text": "a man ironing on the back of a yellow SUV",
+         "question": "what colour is the car?", "answer": "yellow"},
+        {"audio": "media/child.wav", "text": "THE CHILD ALMOST HURT THE SMALL DOG"},
+        {"key": "gone", "image": "media/missing.jpg", "text": "nothing here"},
+        {"key": "a.b", "text": "dotted key"},
+        {"key": "weights", "audio": "media/weights.pt"},
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n{not json\n"
+                        + "\n".join(json.dumps(line) for line in lines[2:]) + "\n")
+    records, quarantine = records_and_quarantine(ingest(tmp_path, "ingest.source=jsonl", f"ingest.path={manifest}"))
+    assert set(records) == {"ironing", "manifest-00000002"}
+    assert json.loads(records["ironing"]["json"]) == {"question": "what colour is the car?", "answer": "yellow"}
+    assert records["manifest-00000002"]["audio"] == (fixtures_dir / "audio" / "spk1_snt1.wav").read_bytes()
+    assert sorted(q["reason"] for q in quarantine) == ["invalid_key", "invalid_manifest_line", "missing_file", "pickle_member"]
+    assert len(records) + len(quarantine) == 6

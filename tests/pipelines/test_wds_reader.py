@@ -1,0 +1,144 @@
+"""The project's shard reader on real shards from other tools and on crafted bad members."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+
+import pytest
+
+from pipelines.data.wds_reader import Rejected, read_tar, split_name
+
+LIMIT = 64 * 1024 * 1024
+
+
+def read(path, limit=LIMIT):
+    with open(path, "rb") as stream:
+        items = list(read_tar(stream, str(path), limit))
+    return [i for i in items if isinstance(i, dict)], [i for i in items if isinstance(i, Rejected)]
+
+
+def members_of(path) -> dict[str, bytes]:
+    with tarfile.open(path) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+
+
+@pytest.mark.parametrize("name, key, field", [
+    ("clip1.xyzdata.abc1.flac", "clip1", "xyzdata.abc1.flac"),
+    ("test/resources/dataset/librispeech-1995-1837-0001.wav", "test/resources/dataset/librispeech-1995-1837-0001", "wav"),
+    ("a/b.c/d.e.f", "a/b.c/d", "e.f"),
+    ("noext", "noext", ""),
+])
+def test_key_rule(name, key, field):
+    assert split_name(name) == (key, field)
+
+
+def test_wenet_audio_text_keys_with_slashes_and_chinese(fixtures_dir):
+    path = fixtures_dir / "shards" / "wenet-audio-text.tar"
+    samples, rejected = read(path)
+    raw = members_of(path)
+    assert rejected == []
+    assert [s["key"] for s in samples] == ["test/resources/dataset/aishell-BAC009S0724W0121",
+                                          "test/resources/dataset/librispeech-1995-1837-0001"]
+    chinese = samples[0]
+    assert "广州市房地产中介协会分析" in chinese["text"].decode("utf-8")
+    assert chinese["audio"] == raw["test/resources/dataset/aishell-BAC009S0724W0121.wav"]
+    assert (chinese["audio_ext"], chinese["image"]) == ("wav", None)
+
+
+def test_caiman_dotted_names_group_by_first_dot(fixtures_dir):
+    path = fixtures_dir / "shards" / "caiman-dotted-keys.tar"
+    samples, rejected = read(path)
+    raw = members_of(path)
+    assert rejected == []
+    assert [s["key"] for s in samples] == ["clip1", "clip2"]
+    assert samples[0]["audio_ext"] == "flac"
+    assert samples[0]["audio"] == raw["clip1.xyzdata.abc1.flac"]
+    assert samples[1]["text"] == raw["clip2.xyzdata.abc1.txt"]
+
+
+def test_gzip_compressed_shard_of_images_and_labels(fixtures_dir):
+    samples, rejected = read(fixtures_dir / "shards" / "webdataset-digits.tgz")
+    assert (len(samples), rejected) == (90, [])
+    assert all(s["image_ext"] == "png" and s["image"][:8] == b"\x89PNG\r\n\x1a\n" for s in samples)
+    assert {s["cls"] for s in samples} == {str(d).encode() for d in range(10)}
+
+
+def test_directory_members_and_per_member_gzip(fixtures_dir):
+    path = fixtures_dir / "shards" / "webdataset-compressed.tar"
+    samples, rejected = read(path)
+    raw = members_of(path)
+    assert rejected == []
+    assert [s["key"] for s in samples] == ["compressed/0001", "compressed/0002", "compressed/0003"]
+    assert samples[0]["text"] == gzip.decompress(raw["compressed/0001.txt.gz"])
+
+
+def test_zero_length_members_are_rejected_not_fatal(fixtures_dir):
+    samples, rejected = read(fixtures_dir / "shards" / "lhotse-zero-length.tar")
+    assert samples == []
+    assert [r.reason for r in rejected] == ["empty_member", "empty_member"]
+    assert rejected[0].member.endswith(".nodata")
+
+
+def test_pickled_shard_is_refused_without_unpickling(fixtures_dir, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something tried to unpickle an untrusted shard")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    samples, rejected = read(fixtures_dir / "shards" / "speechbrain-pickled-pth.tar")
+    assert samples == []
+    assert [r.reason for r in rejected] == ["pickle_member"] * 3
+    assert rejected[0].member == "tests/samples/single-mic/example6_wav.audio.pth"
+
+
+# -- crafted shards: each bad sample is rejected with its reason, good neighbours survive --------
+def add(archive: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+    archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def crafted(tmp_path, build) -> tuple[list[dict], list[Rejected]]:
+    path = tmp_path / "crafted.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        add(archive, "good1.txt", b"first good sample")
+        build(archive)
+        add(archive, "good2.txt", b"second good sample")
+    return read(path, limit=1000)
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda a: add(a, "../escape.txt", b"x"), "unsafe_name"),
+    (lambda a: add(a, "/etc/absolute.txt", b"x"), "unsafe_name"),
+    (lambda a: add(a, "linked.txt", kind=tarfile.SYMTYPE, link="/etc/passwd"), "not_regular_file"),
+    (lambda a: add(a, "huge.txt", b"x" * 1001), "oversized_member"),
+    (lambda a: add(a, "empty.txt", b""), "empty_member"),
+    (lambda a: add(a, "broken.txt.gz", b"\x1f\x8b\x08\x00garbage"), "corrupt_gzip"),
+    (lambda a: add(a, "bomb.txt.gz", gzip.compress(b"0" * 5000)), "oversized_member"),
+    (lambda a: add(a, "model.pth", b"anything"), "pickle_member"),
+    (lambda a: add(a, "sneaky.txt", pickle.dumps({"a": 1})), "pickle_member"),
+    (lambda a: add(a, "weird.xyz", b"x"), "unknown_extension"),
+    (lambda a: (add(a, "two.jpg", b"a"), add(a, "two.png", b"b")), "duplicate_member"),
+    (lambda a: add(a, "meta.json", b"{}"), "no_modality"),
+])
+def test_bad_member_rejects_its_sample_only(tmp_path, build, reason):
+    samples, rejected = crafted(tmp_path, build)
+    assert [s["key"] for s in samples] == ["good1", "good2"]
+    assert [r.reason for r in rejected] == [reason]
+
+
+def test_truncated_tar_keeps_what_came_before(tmp_path):
+    path = tmp_path / "whole.tar"
+    with tarfile.open(path, "w") as archive:
+        for i in range(6):
+            add(archive, f"s{i}.txt", b"y" * 600)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:3000])
+    samples, rejected = read(cut)
+    # s1's member arrived whole, but more of s1 may have been lost with the rest: rejected, by key.
+    assert [s["key"] for s in samples] == ["s0"]
+    assert [(r.key, r.reason) for r in rejected] == [("s1", "corrupt_tar")]
