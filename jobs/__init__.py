@@ -1,0 +1,1 @@
+"""Thin entry points that run the pipeline somewhere else: Ray job submission."""
