@@ -10,7 +10,7 @@ UI_PORT ?= 5000
 # The CPU wheel of torch lies on these machines; installing it first keeps pip from resolving
 # a multi-GB CUDA build for the packages that depend on torch.
 TORCH := torch==2.13.0
-PIP := $(BIN)/python -m pip --disable-pip-version-check --progress-bar off
+PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install --progress-bar off
 
 .PHONY: setup demo test ui clean
 
@@ -20,8 +20,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP_INSTALL) -q $(TORCH)
+	$(PIP_INSTALL) -q -e '.[dev]'
 	@touch $@
 	@echo "crossmodal installed in $(VENV)"
 
