@@ -35,6 +35,8 @@ def test_submit_and_wait_runs_the_pipeline_on_the_cluster(tmp_path, capsys):
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     head = start_until([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
                         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4",
+                        # Its own agent port: the session's local cluster already holds the default one.
+                        f"--dashboard-agent-listen-port={free_port()}",
                         "--object-store-memory=300000000", "--disable-usage-stats"],
                        "Ray runtime started", cwd=tmp_path, env=env)
     try:
