@@ -1,0 +1,125 @@
+"""Model configuration and the size registry (tiny / small / base).
+
+Plain dataclasses, JSON round-trippable, so a saved model folder rebuilds the exact model.
+The pipeline validates these values at load (pydantic); the model library trusts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+MODALITIES = ("text", "image", "audio")
+FUSIONS = ("early", "late", "hierarchical")
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """A Transformer stack: width, depth, attention heads, MLP expansion."""
+
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "tiny"
+    embed_dim: int = 64  # the shared embedding space every modality is aligned into
+    # text
+    vocab_size: int = 512
+    max_text_len: int = 48
+    text: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
+    # image: "vit" (patch Transformer) or "conv" (MobileNet-style depthwise-separable, for students)
+    image_encoder: str = "vit"
+    image_size: int = 64
+    patch_size: int = 8
+    image: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
+    # audio: log-mel spectrogram, then a Transformer over patches of `audio_patch_frames` frames
+    sample_rate: int = 16000
+    audio_seconds: float = 1.0
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+    audio_patch_frames: int = 4
+    audio: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
+    # fusion: early (joint self-attention over all tokens), late (pooled per-modality outputs
+    # merged at the head), hierarchical (co-attention in the middle layers, joint on top)
+    fusion: str = "hierarchical"
+    fusion_tower: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
+    co_attention_layers: int = 1
+    decoder: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
+    num_answers: int = 32
+    dropout: float = 0.0
+    modality_dropout: float = 0.15  # chance a present modality is hidden from a fused task in training
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.image_encoder not in ("vit", "conv"):
+            raise ValueError(f"image_encoder must be 'vit' or 'conv', got {self.image_encoder!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.fusion == "hierarchical" and not 0 < self.co_attention_layers <= self.fusion_tower.depth:
+            raise ValueError("co_attention_layers must be in [1, fusion_tower.depth] for hierarchical fusion")
+        for tower in (self.text, self.image, self.audio, self.fusion_tower, self.decoder):
+            if tower.width % tower.heads:
+                raise ValueError(f"tower width {tower.width} is not divisible by its {tower.heads} heads")
+
+    @property
+    def audio_samples(self) -> int:
+        return int(round(self.sample_rate * self.audio_seconds))
+
+    @property
+    def audio_frames(self) -> int:
+        return 1 + (self.audio_samples - self.n_fft) // self.hop_length
+
+    @property
+    def audio_patches(self) -> int:
+        return self.audio_frames // self.audio_patch_frames
+
+    @property
+    def image_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        towers = {f.name for f in fields(cls) if f.type in ("TowerConfig", TowerConfig)}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**{k: TowerConfig(**v) if k in towers else v for k, v in data.items()})
+
+
+SIZES: dict[str, ModelConfig] = {
+    # Tests: under 2M parameters, 64x64 images, 1 s of audio.
+    "tiny": ModelConfig(),
+    # The CPU demo: trains on 2 cores in minutes.
+    "small": ModelConfig(
+        size="small", embed_dim=128, vocab_size=1024,
+        text=TowerConfig(128, 3, 4), image=TowerConfig(128, 4, 4), audio=TowerConfig(128, 3, 4),
+        fusion_tower=TowerConfig(128, 3, 4), co_attention_layers=1, decoder=TowerConfig(128, 2, 4),
+    ),
+    # GPU: a CLIP ViT-B/16 image tower and text tower plus an audio tower of the same size.
+    "base": ModelConfig(
+        size="base", embed_dim=512, vocab_size=32000, max_text_len=77,
+        text=TowerConfig(512, 12, 8), image_size=224, patch_size=16, image=TowerConfig(768, 12, 12),
+        sample_rate=16000, audio_seconds=10.0, n_mels=128, audio_patch_frames=8, audio=TowerConfig(768, 12, 12),
+        fusion_tower=TowerConfig(768, 6, 12), co_attention_layers=2, decoder=TowerConfig(768, 6, 12),
+        num_answers=3129,
+    ),
+}
+
+
+def model_config(size: str = "tiny", **overrides) -> ModelConfig:
+    """A registered size with some fields replaced (towers as dicts or TowerConfig)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r} (sizes: {', '.join(SIZES)})")
+    base = SIZES[size]
+    towers = {f.name for f in fields(ModelConfig) if f.type in ("TowerConfig", TowerConfig)}
+    cleaned = {k: TowerConfig(**v) if k in towers and isinstance(v, dict) else v for k, v in overrides.items()}
+    return replace(base, **cleaned)

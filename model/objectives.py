@@ -1,0 +1,246 @@
+"""Pre-training and fine-tuning objectives (F6, F7, F8) as plain functions, and their combiner.
+
+Every task returns a per-sample loss and which samples it applies to, so the combiner can
+apply the per-sample modality weights from balancing: task = sum(w*l*valid) / sum(w*valid),
+total = sum over tasks of task weight * task loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.encoders import Encoded
+from model.heads import random_keep
+from model.tokenizer import MASK, PAD
+
+TaskLoss = tuple[torch.Tensor, torch.Tensor]  # (per-sample loss (B,), applies (B,) bool)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    contrastive: float = 1.0  # InfoNCE over every pair of present modalities
+    matching: float = 0.5  # text<->image/audio matching with in-batch hard negatives
+    masked_text: float = 0.5  # masked tokens predicted from fused text + image/audio
+    masked_image: float = 0.25  # MAE on image patches
+    masked_audio: float = 0.25  # MAE on log-mel patches
+    caption: float = 1.0  # caption from image and/or audio
+    answer: float = 0.5  # free-form answer from question + image/audio
+    vqa: float = 1.0  # answer class from question + image/audio
+    text_mask_ratio: float = 0.15
+    patch_mask_ratio: float = 0.6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- contrastive -----------------------------------------------------------------------------
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss per row: matched rows are the positives, all others negatives."""
+    logits = scale * a @ b.T
+    target = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+
+
+def contrastive(model, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> TaskLoss:
+    """Mean InfoNCE over every pair of modalities, on the samples that have both."""
+    size = next(iter(embeddings.values())).shape[0]
+    device = next(iter(embeddings.values())).device
+    total, count = torch.zeros(size, device=device), torch.zeros(size, device=device)
+    scale = model.logit_scale.clamp(max=4.6052).exp()
+    for m1, m2 in itertools.combinations(embeddings, 2):
+        rows = (present[m1] & present[m2]).nonzero().squeeze(1)
+        if rows.numel() < 2:
+            continue
+        total = total.index_add(0, rows, info_nce(embeddings[m1][rows], embeddings[m2][rows], scale))
+        count = count.index_add(0, rows, torch.ones_like(rows, dtype=count.dtype))
+    return total / count.clamp(min=1), count > 0
+
+
+# -- fused tasks -----------------------------------------------------------------------------
+def hard_negatives(embeddings, present, generator) -> torch.Tensor:
+    """For each sample, another sample's index drawn by similarity of its text to this sample's
+    image (or audio when the image is absent): the confusable texts ALBEF trains on."""
+    text = embeddings["text"]
+    other = embeddings.get("image", embeddings.get("audio"))
+    if "image" in embeddings and "audio" in embeddings:
+        other = torch.where(present["image"][:, None], embeddings["image"], embeddings["audio"])
+    with torch.no_grad():
+        weights = (other @ text.T * 10).softmax(dim=1) + 1e-6
+        weights.fill_diagonal_(0)
+        weights *= present["text"][None, :].float()
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def matching(model, encoded, embeddings, present, context_present, generator) -> TaskLoss:
+    """Positive pairs are labelled 1; each text swapped for its hard negative is labelled 0."""
+    if "text" not in encoded or len(encoded) < 2 or encoded["text"].tokens.shape[0] < 2:
+        return _none(encoded)
+    negative = hard_negatives(embeddings, present, generator)
+    t = encoded["text"]
+    swapped = dict(encoded, text=Encoded(t.tokens[negative], t.mask[negative], t.pooled[negative]))
+    neg_present = dict(context_present, text=present["text"][negative])
+    pos_logits = model.match_logits(model.fuse(encoded, dict(context_present, text=present["text"])))
+    neg_logits = model.match_logits(model.fuse(swapped, neg_present))
+    ones = torch.ones(pos_logits.shape[0], dtype=torch.long, device=pos_logits.device)
+    loss = (F.cross_entropy(pos_logits, ones, reduction="none") + F.cross_entropy(neg_logits, 1 - ones, reduction="none")) / 2
+    has_context = torch.stack([context_present[m] for m in encoded if m != "text"]).any(dim=0)
+    return loss, present["text"] & has_context
+
+
+def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, ratio: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace ~ratio of the real tokens (never <bos>/<eos>, at least one) with <mask>."""
+    maskable = mask.clone()
+    maskable[:, 0] = False
+    maskable &= ids != PAD
+    lengths = mask.sum(dim=1)
+    maskable[torch.arange(ids.shape[0]), (lengths - 1).clamp(min=0)] = False  # <eos>
+    scores = torch.rand(ids.shape, generator=generator, device=ids.device) * maskable
+    chosen = (scores > 1 - ratio) & maskable
+    # At least one per sample that has anything maskable: its highest-scoring token.
+    first = scores.argmax(dim=1)
+    chosen[torch.arange(ids.shape[0]), first] |= maskable[torch.arange(ids.shape[0]), first]
+    return torch.where(chosen, torch.full_like(ids, MASK), ids), chosen
+
+
+def masked_text(model, batch, encoded, present, context_present, ratio, generator) -> TaskLoss:
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    masked_ids, chosen = mask_tokens(ids, mask, ratio, generator)
+    inputs = dict(encoded, text=model.encode_text(masked_ids, mask))
+    fused = model.fuse(inputs, dict(context_present, text=present["text"]))
+    logits = model.masked_text_head(fused.tokens[:, fused.spans["text"]])
+    per_token = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * chosen
+    return per_token.sum(1) / chosen.sum(1).clamp(min=1), present["text"] & chosen.any(dim=1)
+
+
+def masked_patches(head, patches: torch.Tensor, valid: torch.Tensor, run_encoder, ratio, generator) -> torch.Tensor:
+    """MAE: encode a random subset of patches, reconstruct the hidden ones (normalised targets)."""
+    batch, total, _ = patches.shape
+    keep = random_keep(batch, total, max(1, int(round(total * (1 - ratio)))), generator, patches.device)
+    visible = run_encoder(keep).tokens[:, 1:]  # drop [cls]
+    predicted = head(visible, keep, total)
+    target = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+    hidden = torch.ones(batch, total, dtype=torch.bool, device=patches.device).scatter(1, keep, False) & valid
+    per_patch = ((predicted - target) ** 2).mean(-1) * hidden
+    return per_patch.sum(1) / hidden.sum(1).clamp(min=1)
+
+
+def masked_image(model, batch, present, ratio, generator) -> TaskLoss:
+    vit = model.encoders["image"]
+    patches = vit.patchify(batch["image"])
+    valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+    loss = masked_patches(model.image_reconstruction, patches, valid,
+                          lambda keep: vit(batch["image"], keep=keep), ratio, generator)
+    return loss, present["image"]
+
+
+def masked_audio(model, batch, present, ratio, generator) -> TaskLoss:
+    enc = model.encoders["audio"]
+    patches, valid = enc.patchify(batch["audio"], batch.get("audio_mask"))
+    loss = masked_patches(model.audio_reconstruction, patches.detach(), valid,
+                          lambda keep: enc(batch["audio"], batch.get("audio_mask"), keep=keep), ratio, generator)
+    return loss, present["audio"]
+
+
+def generation(model, fused, ids, mask) -> torch.Tensor:
+    """Teacher-forced cross-entropy of ids[1:] given ids[:-1], per sample."""
+    logits = model.decode(fused, ids[:, :-1], mask[:, :-1])
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none") * mask[:, 1:]
+    return per_token.sum(1) / mask[:, 1:].sum(1).clamp(min=1)
+
+
+def caption(model, batch, encoded, present, context_present) -> TaskLoss:
+    context = {m: e for m, e in encoded.items() if m != "text"}
+    if not context:
+        return _none(encoded)
+    fused = model.fuse(context, context_present)
+    has_context = torch.stack([context_present[m] for m in context]).any(dim=0)
+    return generation(model, fused, batch["text_ids"], batch["text_mask"]), present["text"] & has_context
+
+
+def question_answering(model, batch, encoded, context_present) -> tuple[TaskLoss, TaskLoss]:
+    """(answer-class loss, free-form answer loss) from question + image/audio."""
+    context = {m: e for m, e in encoded.items() if m != "text"}
+    labels = batch["answer_label"]
+    asked = labels >= 0
+    question = model.encode_text(batch["question_ids"], batch["question_mask"])
+    fused = model.fuse(dict(context, text=question), dict(context_present, text=asked))
+    vqa = F.cross_entropy(model.answer_logits(fused), labels.clamp(min=0), reduction="none")
+    has_context = torch.stack([context_present[m] for m in context]).any(dim=0) if context else asked
+    applies = asked & has_context
+    if "answer_ids" not in batch:
+        return (vqa, applies), (torch.zeros_like(vqa), torch.zeros_like(applies))
+    return (vqa, applies), (generation(model, fused, batch["answer_ids"], batch["answer_mask"]), applies)
+
+
+def drop_modalities(present: dict[str, torch.Tensor], rate: float, generator) -> dict[str, torch.Tensor]:
+    """Modality dropout (F8): hide each present context modality with probability `rate`,
+    never all of a sample's context modalities at once."""
+    names = [m for m in present if m != "text"]
+    if rate <= 0 or len(names) < 2:
+        return dict(present)
+    device = present[names[0]].device
+    kept = {m: present[m] & (torch.rand(present[m].shape, generator=generator, device=device) >= rate) for m in names}
+    nothing_left = ~torch.stack(list(kept.values())).any(dim=0)
+    for m in names:  # restore the originals where dropout would have left nothing
+        kept[m] = torch.where(nothing_left, present[m], kept[m])
+    return dict(present, **kept)
+
+
+def _none(encoded) -> TaskLoss:
+    any_e = next(iter(encoded.values()))
+    size, device = any_e.tokens.shape[0], any_e.tokens.device
+    return torch.zeros(size, device=device), torch.zeros(size, dtype=torch.bool, device=device)
+
+
+# -- the multi-task combiner -------------------------------------------------------------------
+class MultiTaskObjective:
+    """All objectives of one training step, weighted by task and by sample (F7)."""
+
+    def __init__(self, weights: LossWeights = LossWeights(), modality_dropout: float | None = None):
+        # None: the model config's rate (ModelConfig.modality_dropout).
+        self.weights, self.modality_dropout = weights, modality_dropout
+
+    def __call__(self, model, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        w = self.weights
+        encoded = model.encode(batch)
+        any_e = next(iter(encoded.values()))
+        size, device = any_e.tokens.shape[0], any_e.tokens.device
+        present = {m: model.present(batch, m, size, device) for m in encoded}
+        rate = model.cfg.modality_dropout if self.modality_dropout is None else self.modality_dropout
+        context_present = drop_modalities(present, rate if model.training else 0.0, generator)
+        embeddings = model.embed(encoded)
+        tasks: dict[str, TaskLoss] = {}
+        if w.contrastive:
+            tasks["contrastive"] = contrastive(model, embeddings, present)
+        if w.matching and "text" in encoded:
+            tasks["matching"] = matching(model, encoded, embeddings, present, context_present, generator)
+        if w.masked_text and "text" in encoded:
+            tasks["masked_text"] = masked_text(model, batch, encoded, present, context_present, w.text_mask_ratio, generator)
+        if w.masked_image and "image" in encoded and model.image_reconstruction is not None:
+            tasks["masked_image"] = masked_image(model, batch, present, w.patch_mask_ratio, generator)
+        if w.masked_audio and "audio" in encoded:
+            tasks["masked_audio"] = masked_audio(model, batch, present, w.patch_mask_ratio, generator)
+        if w.caption and "text" in encoded:
+            tasks["caption"] = caption(model, batch, encoded, present, context_present)
+        if (w.vqa or w.answer) and "question_ids" in batch:
+            tasks["vqa"], tasks["answer"] = question_answering(model, batch, encoded, context_present)
+        return combine(tasks, asdict(w), batch.get("weight"))
+
+
+def combine(tasks: dict[str, TaskLoss], task_weights: dict[str, float], sample_weights) -> tuple[torch.Tensor, dict[str, float]]:
+    total, parts = None, {}
+    for name, (loss, applies) in tasks.items():
+        weights = applies.to(loss.dtype) * (sample_weights.to(loss.dtype) if sample_weights is not None else 1.0)
+        if weights.sum() <= 0 or not task_weights.get(name):
+            continue
+        task = (loss * weights).sum() / weights.sum()
+        parts[name] = float(task.detach())
+        total = task_weights[name] * task if total is None else total + task_weights[name] * task
+    if total is None:
+        raise ValueError("no objective applies to this batch")
+    parts["total"] = float(total.detach())
+    return total, parts
