@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attention_mask(key_mask: torch.Tensor | None, q_len: int, causal: bool) -> torch.Tensor | None:
+def attention_mask(key_mask: torch.Tensor | None, q_len: int, causal: bool, device=None) -> torch.Tensor | None:
     """(B, 1, Lq, Lk) boolean mask for SDPA, or None when nothing is masked.
 
     A row whose keys are all masked (no context present) would give NaN; it attends to every
@@ -25,7 +25,7 @@ def attention_mask(key_mask: torch.Tensor | None, q_len: int, causal: bool) -> t
         mask = key_mask[:, None, None, :]
     if causal:
         k_len = key_mask.shape[-1] if key_mask is not None else q_len
-        tri = torch.ones(q_len, k_len, dtype=torch.bool, device=key_mask.device if key_mask is not None else None).tril()
+        tri = torch.ones(q_len, k_len, dtype=torch.bool, device=key_mask.device if key_mask is not None else device).tril()
         mask = tri[None, None] if mask is None else mask & tri[None, None]
     return mask
 
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (t.view(batch, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        mask = attention_mask(key_mask, length, causal)
+        mask = attention_mask(key_mask, length, causal, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.proj(out.transpose(1, 2).reshape(batch, length, width))
         if key_mask is not None:

@@ -11,6 +11,7 @@ import json
 import posixpath
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import pyarrow.fs as pafs
 
@@ -40,7 +41,8 @@ class Storage:
         return posixpath.join(self.base, *parts) if parts else self.base
 
     def child(self, *parts: str) -> "Storage":
-        return Storage(posixpath.join(self.uri, *parts))
+        """A file or folder below this one; parts are plain names (spaces, '%', '#' are fine)."""
+        return Storage(posixpath.join(self.uri, *(quote(part, safe="/") for part in parts)))
 
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)

@@ -93,9 +93,67 @@ def assemble(key: str, source: str, members: list[Member], limit: int) -> dict |
     return record
 
 
+class TailTracker:
+    """A read-through wrapper that remembers the last bytes it delivered (for the end check)."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, raw):
+        self.raw, self.total, self.tail = raw, 0, b""
+
+    def read(self, size=-1) -> bytes:
+        data = self.raw.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-self.KEEP:]
+        return data
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The 512 bytes at `offset` of the stream, if they were delivered and are still kept."""
+        start = offset - (self.total - len(self.tail))
+        return self.tail[start:start + 512] if 0 <= start and offset + 512 <= self.total else None
+
+
+class ChainedStream:
+    """`head` bytes already read, then the rest of `raw`."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def read(self, size=-1) -> bytes:
+        if not self.head:
+            return self.raw.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + (self.raw.read(size - len(data)) if len(data) < size else b"")
+
+
+def decompressed(stream):
+    """The tar bytes of a plain, gzip, bz2 or xz stream (sniffed from its first bytes)."""
+    import bz2
+    import lzma
+
+    head = stream.read(6)
+    chained = ChainedStream(head, stream)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=chained)
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(chained)
+    if head[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(chained)
+    return chained
+
+
 def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
-    """Members of a (possibly gzip-compressed) tar, read sequentially without extracting."""
-    with tarfile.open(fileobj=stream, mode="r|*") as archive:
+    """Members of a (possibly compressed) tar, read sequentially without extracting.
+
+    Python's tarfile ends quietly at an invalid header in the middle of a stream, and at a cut
+    on a block boundary; both would lose samples without a trace. A real end of archive is a
+    zero block: anything else raises tarfile.ReadError after the last member.
+    """
+    tracked = TailTracker(decompressed(stream))
+    with tarfile.open(fileobj=tracked, mode="r|") as archive:
         for info in archive:
             name = info.name[2:] if info.name.startswith("./") else info.name
             if info.isdir():
@@ -108,6 +166,11 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
                 yield Member(name, None, "oversized_member", f"{info.size} bytes > limit {limit}")
             else:
                 yield Member(name, archive.extractfile(info).read())
+        end = tracked.block_at(archive.offset)
+    if end is None:
+        raise tarfile.ReadError("the archive stops without an end-of-archive block (truncated)")
+    if any(end):
+        raise tarfile.ReadError(f"invalid tar header at byte {archive.offset}")
 
 
 def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Rejected]:

@@ -8,12 +8,14 @@ cannot be taken safely are rejected whole with a reason and counted; nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
@@ -100,6 +102,23 @@ def ingest(cfg: IngestConfig, ctx: StageContext) -> StageResult:
     )
 
 
+def source_fingerprint(cfg: IngestConfig) -> str:
+    """Digest of the user's data as the filesystem lists it (name, size, modification time):
+    editing, adding or removing a file changes it. For a manifest, the files of its folder
+    (where its relative media paths point). The demo world is its config alone."""
+    if cfg.source == "demo":
+        return ""
+    source = Storage(cfg.path)
+    if cfg.source == "jsonl":
+        source = Storage(posixpath.dirname(source.uri))
+    info = source.fs.get_file_info(source.path())
+    if info.type == pafs.FileType.NotFound:
+        return "missing"
+    files = [info] if info.is_file else source.fs.get_file_info(pafs.FileSelector(source.path(), recursive=True))
+    listing = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 # -- planning: runs in the stage task, lists the source and cuts it into units ----------------
 def plan_units(cfg: IngestConfig) -> tuple[list[Unit], list[dict]]:
     if cfg.source == "demo":
@@ -128,13 +147,14 @@ def shard_files(source: Storage) -> list[str]:
     files = [f for f in source.list_files() if f.endswith(SHARD_SUFFIXES)]
     if not files:
         raise StageInputError(f"ingest.path {source.uri}: no .tar/.tar.gz/.tgz shards found")
-    return [posixpath.join(source.uri, f) for f in files]
+    return [source.child(f).uri for f in files]
 
 
-def folder_groups(source: Storage) -> list[tuple[str, list[str]]]:
-    groups: dict[str, list[str]] = {}
+def folder_groups(source: Storage) -> list[tuple[str, list[tuple[str, str]]]]:
+    """key -> [(file URI, file name)], grouped by the WebDataset key rule."""
+    groups: dict[str, list[tuple[str, str]]] = {}
     for name in source.list_files():
-        groups.setdefault(split_name(name)[0], []).append(posixpath.join(source.uri, name))
+        groups.setdefault(split_name(name)[0], []).append((source.child(name).uri, posixpath.basename(name)))
     if not groups:
         raise StageInputError(f"ingest.path {source.uri}: the folder has no files")
     return list(groups.items())
@@ -191,15 +211,14 @@ def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
             yield from read_tar(stream, unit.items[0], limit)
     elif unit.kind == "folder":
         for key, files in unit.items:
-            yield assemble(key, posixpath.dirname(files[0]), [read_member(f, limit) for f in files], limit)
+            yield assemble(key, posixpath.dirname(files[0][0]), [read_member(uri, limit, name) for uri, name in files], limit)
     else:
         for line_no, entry in unit.items:
             yield manifest_sample(cfg.path, line_no, entry, limit)
 
 
-def read_member(uri: str, limit: int, name: str | None = None) -> Member:
-    """A file as a member named `name` (default: its own basename)."""
-    name = name or posixpath.basename(uri)
+def read_member(uri: str, limit: int, name: str) -> Member:
+    """A file as the member `name` of a sample."""
     try:
         file = Storage(uri)
         size = file.fs.get_file_info(file.path()).size
@@ -223,7 +242,7 @@ def manifest_sample(manifest: str, line_no: int, entry: dict, limit: int) -> dic
     for field in ("image", "audio"):
         if entry.get(field):
             path = str(entry[field])
-            uri = path if "://" in path else posixpath.join(base, path)
+            uri = path if "://" in path else Storage(base).child(path).uri
             ext = posixpath.basename(path).rsplit(".", 1)[-1] if "." in posixpath.basename(path) else "bin"
             members.append(read_member(uri, limit, f"{key}.{ext}"))
     if entry.get("text") is not None:

@@ -10,7 +10,6 @@ size and sha256.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import re
 from collections import Counter
 
@@ -29,7 +28,7 @@ INDEX_FORMAT = "crossmodal-shards/1"
 
 class ShardConfig(Strict):
     samples_per_shard: int = Field(256, ge=1, le=10_000_000)
-    # Fractions by split name, in this order along the key-hash line [0, 1).
+    # Fractions by split name; along the key-hash line [0, 1) in name order.
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
 
     @field_validator("splits")
@@ -53,17 +52,20 @@ def key_position(key: str) -> float:
 
 
 def split_of(key: str, splits: dict[str, float]) -> str:
+    """Splits take their fractions of [0, 1) in name order, so listing them in another order in
+    the YAML changes nothing (the stage identity ignores key order too)."""
     position, edge = key_position(key), 0.0
-    for name, fraction in splits.items():
-        edge += fraction
+    names = sorted(splits)
+    for name in names:
+        edge += splits[name]
         if position < edge:
             return name
-    return next(reversed(splits))  # rounding: the last split takes the remainder
+    return names[-1]  # rounding: the last split takes the remainder
 
 
 def shard(cfg: ShardConfig, ctx: StageContext) -> StageResult:
     parts_store = Storage(ctx.inputs["ingest"].outputs["parts"])
-    parts = [posixpath.join(parts_store.uri, p) for p in parts_store.list_files(suffix=".parquet")]
+    parts = [parts_store.child(p).uri for p in parts_store.list_files(suffix=".parquet")]
     duplicates = duplicate_rows(parts)
     units = [(index, uri, sorted(duplicates.get(index, []))) for index, uri in enumerate(parts)]
     written = map_tasks(write_shards, units, desc="shards", cfg=cfg, out=ctx.output)
@@ -167,5 +169,5 @@ def build_index(entries: list[dict], cfg: ShardConfig) -> dict:
             "combinations": dict(sorted(combos.items())),
             "shards": [{k: e[k] for k in ("path", "samples", "bytes", "sha256")} for e in mine],
         }
-    return {"format": INDEX_FORMAT, "split_rule": "sha1(key)[:8] / 2**64 along the split fractions in order",
+    return {"format": INDEX_FORMAT, "split_rule": "sha1(key)[:8] / 2**64 along the split fractions in name order",
             "samples_per_shard": cfg.samples_per_shard, "splits": splits}

@@ -118,3 +118,8 @@ def test_digest_ignores_formatting_and_key_order(tmp_path):
 
 def test_flatten_for_mlflow_params():
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2]}) == {"a.b": "1", "a.c.d": "None", "e": "[1, 2]"}
+
+
+def test_section_rule_broken_by_an_override_names_the_override():
+    message = error_of(DEMO_CONFIG, ["shard.splits.train=0.5"])
+    assert message.startswith("--set shard.splits.train=0.5: shard.splits: split fractions must sum to 1")

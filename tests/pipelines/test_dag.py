@@ -66,7 +66,7 @@ def test_ancestors_and_descendants():
 
 def test_identity_follows_config_inputs_code_and_storage():
     cfg = load_config(DEMO_CONFIG)
-    ingest, shard = STAGES
+    ingest, shard = STAGES[:2]
     base = identity(shard, cfg.shard, {"ingest": "i1"}, "file:///r")
     assert base == identity(shard, load_config(DEMO_CONFIG).shard, {"ingest": "i1"}, "file:///r")
     changed_config = load_config(DEMO_CONFIG, ["shard.samples_per_shard=3"]).shard

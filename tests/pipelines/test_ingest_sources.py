@@ -68,12 +68,21 @@ def test_folder_of_files_grouped_by_key(tmp_path, fixtures_dir, ray_cluster):
     (folder / "sub" / "pug.json").write_text('{"question": "what animal?", "answer": "dog"}')
     (folder / "model.pth").write_bytes(pickle.dumps([1, 2, 3]))
     (folder / "empty.txt").write_text("")
-    records, quarantine = records_and_quarantine(ingest(tmp_path, "ingest.source=folder", f"ingest.path={folder}"))
-    assert set(records) == {"cats", "sub/pug"}
+    (folder / "odd name #1 100%.txt").write_text("spaces, hash and percent in a file name")
+    first = ingest(tmp_path, "ingest.source=folder", f"ingest.path={folder}")
+    records, quarantine = records_and_quarantine(first)
+    assert set(records) == {"cats", "sub/pug", "odd name #1 100%"}
+    assert records["odd name #1 100%"]["text"] == b"spaces, hash and percent in a file name"
     assert records["cats"]["image"] == (fixtures_dir / "images" / "coco-000000039769.jpg").read_bytes()
     assert records["sub/pug"]["audio_ext"] == "wav" and records["sub/pug"]["image_ext"] == "png"
     assert json.loads(records["sub/pug"]["json"])["answer"] == "dog"
     assert sorted((q["key"], q["reason"]) for q in quarantine) == [("empty", "empty_member"), ("model", "pickle_member")]
+    # Unchanged data is reused; a new file in the folder means the stage runs again.
+    assert ingest(tmp_path, "ingest.source=folder", f"ingest.path={folder}").by_name()["ingest"].state == "reused"
+    (folder / "late.txt").write_text("a file added after the first run")
+    again = ingest(tmp_path, "ingest.source=folder", f"ingest.path={folder}")
+    assert again.by_name()["ingest"].state == "ran"
+    assert "late" in records_and_quarantine(again)[0]
 
 
 def test_jsonl_manifest_with_bad_lines(tmp_path, fixtures_dir, ray_cluster):

@@ -128,3 +128,38 @@ def test_driver_killed_mid_stage_then_rerun_keeps_finished_stages(demo_config, r
     killed_stages = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{killed[0].info.run_id}'")
     assert {r.data.tags["crossmodal.stage"]: r.info.status for r in killed_stages} == {
         "first": "FINISHED", "second": "KILLED"}
+
+
+def test_from_and_only_together_redo_only_the_selection(demo_config, ray_cluster):
+    run(demo_config)
+    assert states(run(demo_config, from_stage="first", only=["third"])) == {
+        "first": "reused", "second": "reused", "third": "ran"}
+
+
+def test_a_driver_error_between_stages_fails_the_pipeline_and_closes_its_runs(demo_config, ray_cluster, monkeypatch):
+    from pipelines.lineage import Lineage
+
+    original = Lineage.finish_stage
+
+    def broken(self, run_id, state, *args, **kwargs):
+        if self.client.get_run(run_id).data.tags["crossmodal.stage"] == "second":
+            raise OSError("tracking store went away")
+        return original(self, run_id, state, *args, **kwargs)
+
+    monkeypatch.setattr(Lineage, "finish_stage", broken)
+    try:
+        run(demo_config)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the driver error must surface")
+    monkeypatch.setattr(Lineage, "finish_stage", original)
+    client = MlflowClient(f"sqlite:///{demo_config.mlflow.local_store}/mlflow.db")
+    experiment = client.get_experiment_by_name(demo_config.mlflow.experiment).experiment_id
+    [parent] = client.search_runs([experiment], "tags.`crossmodal.kind` = 'pipeline'")
+    assert parent.info.status == "FAILED"
+    children = {r.data.tags["crossmodal.stage"]: r for r in
+                client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert children["first"].info.status == "FINISHED"
+    assert children["second"].info.status == "FAILED"
+    assert children["second"].data.tags["crossmodal.error"] == "OSError: tracking store went away"

@@ -142,3 +142,38 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     # s1's member arrived whole, but more of s1 may have been lost with the rest: rejected, by key.
     assert [s["key"] for s in samples] == ["s0"]
     assert [(r.key, r.reason) for r in rejected] == [("s1", "corrupt_tar")]
+
+
+def tar_of(count: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for i in range(count):
+            add(archive, f"s{i:03d}.txt", f"caption {i}".encode())
+            add(archive, f"s{i:03d}.json", b"{}")
+    return buffer.getvalue()
+
+
+def items_of(data: bytes):
+    items = list(read_tar(io.BytesIO(data), "mem", LIMIT))
+    return [i["key"] for i in items if isinstance(i, dict)], [(r.key, r.reason) for r in items if isinstance(r, Rejected)]
+
+
+def test_a_corrupt_header_in_the_middle_is_counted_not_swallowed():
+    data = bytearray(tar_of(10))
+    data[3 * 1024 + 148] ^= 0xFF  # checksum of the 4th member's header (s001.json)
+    keys, rejected = items_of(bytes(data))
+    assert keys == ["s000"] and rejected == [("s001", "corrupt_tar")]
+
+
+def test_a_cut_on_a_block_boundary_is_counted():
+    keys, rejected = items_of(tar_of(10)[: 6 * 1024])  # three whole members, no end-of-archive
+    assert keys == ["s000", "s001"] and rejected == [("s002", "corrupt_tar")]
+
+
+def test_compressed_tars_of_every_kind():
+    import bz2
+    import lzma
+
+    plain = tar_of(3)
+    for packed in (gzip.compress(plain), bz2.compress(plain), lzma.compress(plain)):
+        assert items_of(packed) == (["s000", "s001", "s002"], [])
