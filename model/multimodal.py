@@ -3,7 +3,8 @@
 A batch is a dict of tensors; every modality is optional, per batch (key absent) and per
 sample (`has_<modality>` False):
 
-    text_ids, text_mask       (B, L) long / bool    caption or transcript
+    text_ids, text_mask       (B, L) long / bool    caption or transcript (maybe augmented)
+    caption_ids, caption_mask                       the clean caption, target of captioning
     question_ids, question_mask                     VQA question (read by the text encoder)
     answer_ids, answer_mask                         free-form answer (decoder target)
     answer_label              (B,) long, -100 = none   VQA class

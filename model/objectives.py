@@ -61,9 +61,10 @@ def contrastive(model, embeddings: dict[str, torch.Tensor], present: dict[str, t
 
 
 # -- fused tasks -----------------------------------------------------------------------------
-def hard_negatives(embeddings, present, generator) -> torch.Tensor:
+def hard_negatives(embeddings, present, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """For each sample, another sample's index drawn by similarity of its text to this sample's
-    image (or audio when the image is absent): the confusable texts ALBEF trains on."""
+    image (or audio when the image is absent): the confusable texts ALBEF trains on.
+    Returns (index, found): `found` is False where no other sample has a text to offer."""
     text = embeddings["text"]
     other = embeddings.get("image", embeddings.get("audio"))
     if "image" in embeddings and "audio" in embeddings:
@@ -72,14 +73,16 @@ def hard_negatives(embeddings, present, generator) -> torch.Tensor:
         weights = (other @ text.T * 10).softmax(dim=1) + 1e-6
         weights.fill_diagonal_(0)
         weights *= present["text"][None, :].float()
-        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        found = weights.sum(dim=1) > 0
+        weights[~found] = 1.0  # any row, so multinomial can draw; these samples are not scored
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1), found
 
 
 def matching(model, encoded, embeddings, present, context_present, generator) -> TaskLoss:
     """Positive pairs are labelled 1; each text swapped for its hard negative is labelled 0."""
     if "text" not in encoded or len(encoded) < 2 or encoded["text"].tokens.shape[0] < 2:
         return _none(encoded)
-    negative = hard_negatives(embeddings, present, generator)
+    negative, found = hard_negatives(embeddings, present, generator)
     t = encoded["text"]
     swapped = dict(encoded, text=Encoded(t.tokens[negative], t.mask[negative], t.pooled[negative]))
     neg_present = dict(context_present, text=present["text"][negative])
@@ -88,7 +91,7 @@ def matching(model, encoded, embeddings, present, context_present, generator) ->
     ones = torch.ones(pos_logits.shape[0], dtype=torch.long, device=pos_logits.device)
     loss = (F.cross_entropy(pos_logits, ones, reduction="none") + F.cross_entropy(neg_logits, 1 - ones, reduction="none")) / 2
     has_context = torch.stack([context_present[m] for m in encoded if m != "text"]).any(dim=0)
-    return loss, present["text"] & has_context
+    return loss, present["text"] & has_context & found
 
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, ratio: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +161,10 @@ def caption(model, batch, encoded, present, context_present) -> TaskLoss:
         return _none(encoded)
     fused = model.fuse(context, context_present)
     has_context = torch.stack([context_present[m] for m in context]).any(dim=0)
-    return generation(model, fused, batch["text_ids"], batch["text_mask"]), present["text"] & has_context
+    # The clean caption when the batch has one: the encoder may read an augmented text, but the
+    # decoder must learn to write the true one.
+    ids, mask = (batch["caption_ids"], batch["caption_mask"]) if "caption_ids" in batch else (batch["text_ids"], batch["text_mask"])
+    return generation(model, fused, ids, mask), present["text"] & has_context
 
 
 def question_answering(model, batch, encoded, context_present) -> tuple[TaskLoss, TaskLoss]:

@@ -40,6 +40,13 @@ class Tokenizer:
     def load(cls, folder: str | Path) -> "Tokenizer":
         return cls(HFTokenizer.from_file(str(Path(folder) / FILENAME)))
 
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self.backend.to_str()
+
     def save(self, folder: str | Path) -> None:
         self.backend.save(str(Path(folder) / FILENAME))
 

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run the selected stages even if they finished")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set shard.samples_per_shard=64 (repeatable)")
+    run.add_argument("--materialize", action="store_true",
+                     help="prepare writes decoded samples to Parquet for reuse (same as --set prepare.materialize=true)")
 
     stages = sub.add_parser("stages", help="print the DAG: order, dependencies, identity and reuse state")
     stages.add_argument("config")
@@ -54,7 +56,7 @@ def command_run(args) -> int:
     from pipelines.config import load_config
     from pipelines.runner import run_pipeline
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + (["prepare.materialize=true"] if args.materialize else []))
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     outcome = run_pipeline(cfg, only=only, from_stage=args.from_stage, force=args.force)
     summary = ", ".join(f"{s.name} {s.state}" + (f" ({s.seconds:.1f} s)" if s.state == "ran" else "")

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 
 from pipelines.configbase import Strict
 from pipelines.stages.ingest import IngestConfig
+from pipelines.stages.prepare import PrepareConfig
 from pipelines.stages.shard import ShardConfig
 
 
@@ -50,6 +51,7 @@ class PipelineConfig(Strict):
     ray: RayConfig = RayConfig()
     ingest: IngestConfig = IngestConfig()
     shard: ShardConfig = ShardConfig()
+    prepare: PrepareConfig = PrepareConfig()
 
     def digest(self) -> str:
         """sha256 of the resolved config, stable across key order and formatting."""
@@ -136,7 +138,10 @@ def validate(tree: dict, source: str, applied: list[tuple[list[str], str]] = ())
 def describe(error: dict, source: str, applied) -> str:
     loc = [str(part) for part in error["loc"]]
     dotted = ".".join(loc) or "(top level)"
-    origin = next((f"--set {text}" for keys, text in reversed(applied) if loc[: len(keys)] == keys), source)
+    # An override is to blame when its key and the error's location overlap, either way round:
+    # a section-level rule (fractions summing to 1) reports the section, not the key that was set.
+    origin = next((f"--set {text}" for keys, text in reversed(applied)
+                   if loc[: len(keys)] == keys or keys[: len(loc)] == loc), source)
     if error["type"] == "extra_forbidden":
         allowed = allowed_keys(loc[:-1])
         hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""

@@ -38,6 +38,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # small, JSON-able facts for dependants
     tables: dict[str, list[dict]] = field(default_factory=dict)  # logged as MLflow table artifacts
+    artifacts: dict[str, str] = field(default_factory=dict)  # MLflow artifact path -> file URI in storage
 
     def as_json(self) -> dict:
         return {"outputs": self.outputs, "metrics": self.metrics, "summary": self.summary}
@@ -71,6 +72,9 @@ class Stage:
     # CPUs the stage's own Ray task holds. Stages that fan work out to Ray tasks, Ray Data or
     # Ray Train hold none themselves, so their children can use every CPU.
     num_cpus: float = 0.0
+    # What the stage reads from outside the pipeline (a user's folder of files): a digest of it,
+    # computed on the driver, so changed data means a new identity and the stage runs again.
+    fingerprint: Callable[[BaseModel], str] | None = None
 
 
 def order(stages: list[Stage]) -> list[Stage]:
@@ -151,12 +155,13 @@ def code_version(stage: Stage) -> str:
 
 
 def identity(stage: Stage, section: BaseModel, input_identities: dict[str, str], storage_uri: str) -> str:
-    """Same identity <=> same config section, code, inputs and storage root: reuse is safe."""
+    """Same identity <=> same config section, code, inputs, external data and storage root."""
     payload = {
         "stage": stage.name,
         "config": section.model_dump(mode="json"),
         "code": code_version(stage),
         "inputs": dict(sorted(input_identities.items())),
+        "external": stage.fingerprint(section) if stage.fingerprint else "",
         "storage": storage_uri,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

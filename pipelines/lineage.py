@@ -7,6 +7,7 @@ calls work on the driver and inside Ray tasks, against a local sqlite store or a
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_GIT_COMMIT
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from pipelines.config import MlflowConfig
 
@@ -63,7 +64,7 @@ def process_start(pid: int) -> str:
 
 
 def metric_name(name: str) -> str:
-    """MLflow allows letters, digits, '_-. :/' in metric names: 'samples.image+text' -> 'samples.image_text'."""
+    """MLflow allows letters, digits, '_-. :/' in metric and param names: 'samples.image+text' -> 'samples.image_text'."""
     return re.sub(r"[^\w\-. :/]", "_", name)
 
 
@@ -127,6 +128,14 @@ class Lineage:
                 closed.append(run.info.run_id)
         return closed
 
+    def close_open_stages(self, parent_id: str, state: str, reason: str) -> None:
+        """Stage runs of this pipeline still RUNNING when the driver broke: end them too."""
+        for child in self.children(parent_id):
+            if child.info.status == "RUNNING":
+                self.client.set_tag(child.info.run_id, "crossmodal.state", state)
+                self.client.set_tag(child.info.run_id, "crossmodal.error", reason[:4000])
+                self.client.set_terminated(child.info.run_id, "KILLED" if state == "killed" else "FAILED")
+
     def children(self, parent_id: str):
         return self.client.search_runs([self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
                                        order_by=["attributes.start_time ASC"])
@@ -152,15 +161,30 @@ class Lineage:
         return StageRecord(runs[0].info.run_id, runs[0].data.tags["crossmodal.output_uri"])
 
     def finish_stage(self, run_id: str, state: str, output_uri: str, metrics: dict[str, float],
-                     tables: dict[str, list[dict]], result: dict, seconds: float) -> None:
+                     tables: dict[str, list[dict]], result: dict, seconds: float,
+                     artifacts: dict[str, str] | None = None) -> None:
         self.client.set_tag(run_id, "crossmodal.output_uri", output_uri)
         self.client.set_tag(run_id, "crossmodal.state", state)
         self.log_metrics(run_id, {**metrics, "stage_seconds": seconds})
         for name, rows in tables.items():
             if rows:
                 self.client.log_table(run_id, {k: [row.get(k) for row in rows] for k in rows[0]}, f"tables/{name}.json")
+        for artifact_path, uri in (artifacts or {}).items():
+            self.log_storage_file(run_id, uri, artifact_path)
         self.client.log_dict(run_id, result, "stage_result.json")
         self.client.set_terminated(run_id, "FINISHED")
+
+    def log_storage_file(self, run_id: str, uri: str, artifact_path: str) -> None:
+        """Copy a file from the storage root (any filesystem) into the run's artifacts."""
+        import tempfile
+
+        from pipelines.storage import Storage
+
+        folder, name = posixpath.split(artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(Storage(uri).read_bytes())
+            self.client.log_artifact(run_id, str(local), folder or None)
 
     def fail_stage(self, run_id: str, one_line: str, details: str) -> None:
         self.client.set_tag(run_id, "crossmodal.state", "failed")
@@ -170,7 +194,7 @@ class Lineage:
 
     # -- small helpers ---------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        items = [Param(metric_name(k), str(v)[:6000]) for k, v in sorted(params.items())]
         for chunk in _batched(items, 100):
             self.client.log_batch(run_id, params=chunk)
 

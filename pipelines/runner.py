@@ -124,7 +124,8 @@ class Pipeline:
         self.stages = order(stages)
         self.chosen = select(self.stages, only, from_stage)
         self.needed = self.chosen | ancestors(self.stages, self.chosen)
-        self.forced = set(self.chosen) if force else descendants(self.stages, {from_stage}) if from_stage else set()
+        # Forced: what --force or --from asks to redo, never a stage outside the selection.
+        self.forced = set(self.chosen) if force else descendants(self.stages, {from_stage}) & self.chosen if from_stage else set()
         self.storage = Storage(cfg.storage.root)
         self.identities: dict[str, str] = {}
         self.results: dict[str, StageResult] = {}
@@ -147,11 +148,13 @@ class Pipeline:
             for stage in self.stages:
                 if stage.name in self.needed:
                     outcome.stages.append(self._stage(stage, lineage, parent, outcome))
-        except KeyboardInterrupt:
-            outcome.status = "KILLED"
+        except BaseException as err:  # the driver itself broke (or was interrupted) between stages
+            outcome.status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            lineage.close_open_stages(parent, "killed" if outcome.status == "KILLED" else "failed",
+                                      describe_failure(err)[0])
             raise
         finally:
-            if outcome.failure is not None and outcome.status != "KILLED":
+            if outcome.failure is not None and outcome.status == "FINISHED":
                 outcome.status = "FAILED"
             lineage.end_pipeline(parent, outcome.status)
         return outcome
@@ -204,9 +207,8 @@ class Pipeline:
         ref = task.options(name=f"stage:{stage.name}").remote(stage.run, section, ctx)
         try:
             result = ray.get(ref)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # run() marks this stage run KILLED with the pipeline
             ray.cancel(ref, force=True)
-            lineage.fail_stage(run_id, "interrupted", "KeyboardInterrupt")
             raise
         except Exception as err:  # noqa: BLE001 - any stage failure is recorded, then reported
             seconds = time.perf_counter() - started
@@ -215,7 +217,8 @@ class Pipeline:
             self.echo(f"[{stage.name}] failed after {seconds:.1f} s: {one_line}")
             return StageOutcome(stage.name, "failed", run_id, seconds, output.uri, one_line)
         seconds = time.perf_counter() - started
-        lineage.finish_stage(run_id, "ran", output.uri, result.metrics, result.tables, result.as_json(), seconds)
+        lineage.finish_stage(run_id, "ran", output.uri, result.metrics, result.tables, result.as_json(), seconds,
+                             result.artifacts)
         self.results[stage.name] = result
         self.echo(f"[{stage.name}] ran in {seconds:.1f} s -> {output.uri}")
         return StageOutcome(stage.name, "ran", run_id, seconds, output.uri)

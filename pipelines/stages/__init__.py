@@ -5,11 +5,15 @@ same way: a module with a typed config and a function, and one `Stage(...)` line
 """
 
 from pipelines.dag import Stage
-from pipelines.stages.ingest import ingest
+from pipelines.stages.ingest import ingest, source_fingerprint
+from pipelines.stages.prepare import prepare
 from pipelines.stages.shard import shard
 
 STAGES: list[Stage] = [
-    Stage("ingest", ingest, section="ingest",
+    Stage("ingest", ingest, section="ingest", fingerprint=source_fingerprint,
           code=("pipelines.data.demo_world", "pipelines.data.records", "pipelines.data.wds_reader")),
     Stage("shard", shard, section="shard", needs=("ingest",), code=("pipelines.data.records",)),
+    Stage("prepare", prepare, section="prepare", needs=("shard",),
+          code=("pipelines.data.augment", "pipelines.data.balance", "pipelines.data.dataset", "pipelines.data.datasource",
+                "pipelines.data.decode", "pipelines.data.transforms", "pipelines.data.wds_reader", "model.tokenizer")),
 ]

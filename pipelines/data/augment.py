@@ -1,0 +1,175 @@
+"""Per-modality augmentation (F10), reproducible from (seed, epoch, key) and fresh each epoch.
+
+images: albumentations (random resized crop, small rotation, colour jitter, blur, and a
+horizontal flip only when the caption has no left/right words, so it stays true);
+text: nlpaug (word swap/delete, keyboard and OCR typos, spelling errors, synonyms from a table
+the project ships, or WordNet when the user points at an NLTK data folder);
+audio: nlpaug (noise, shift, loudness, mask, speed and pitch through librosa).
+
+Each op fires with its own probability from the config. The ranges are kept small on
+purpose: a colour, a position or a pitch is a label in this data, and an augmentation that
+changes a label teaches the model something false (hue jitter, for one, is nearly off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from pipelines.configbase import Strict
+
+SYNONYMS_FILE = Path(__file__).with_name("synonyms.txt")
+LEFT_RIGHT = re.compile(r"\b(left|right)\b|[左右]", re.IGNORECASE)
+
+
+class ImageAugment(Strict):
+    p_crop: float = Field(0.5, ge=0, le=1)
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    p_rotate: float = Field(0.3, ge=0, le=1)
+    max_rotate_degrees: float = Field(8.0, ge=0, le=45)
+    p_color: float = Field(0.5, ge=0, le=1)
+    p_blur: float = Field(0.1, ge=0, le=1)
+    p_flip: float = Field(0.5, ge=0, le=1)
+
+
+class TextAugment(Strict):
+    p_swap: float = Field(0.1, ge=0, le=1)
+    p_delete: float = Field(0.05, ge=0, le=1)
+    p_keyboard: float = Field(0.05, ge=0, le=1)
+    p_ocr: float = Field(0.05, ge=0, le=1)
+    p_spelling: float = Field(0.05, ge=0, le=1)
+    p_synonym: float = Field(0.3, ge=0, le=1)
+    synonyms_file: str | None = Field(None, description="one group of interchangeable words per line; null: the shipped table")
+    wordnet_data: str | None = Field(None, description="an NLTK data folder with wordnet + the POS tagger: adds WordNet synonyms")
+
+
+class AudioAugment(Strict):
+    p_noise: float = Field(0.3, ge=0, le=1)
+    p_shift: float = Field(0.3, ge=0, le=1)
+    max_shift_seconds: float = Field(0.02, ge=0, le=1)
+    p_loudness: float = Field(0.3, ge=0, le=1)
+    loudness: tuple[float, float] = (0.7, 1.3)
+    p_mask: float = Field(0.1, ge=0, le=1)
+    mask_coverage: float = Field(0.05, ge=0, le=1)
+    p_speed: float = Field(0.1, ge=0, le=1)
+    speed: tuple[float, float] = (0.97, 1.03)
+    p_pitch: float = Field(0.1, ge=0, le=1)
+    pitch_semitones: tuple[float, float] = (-0.3, 0.3)
+
+
+class AugmentConfig(Strict):
+    image: ImageAugment = ImageAugment()
+    text: TextAugment = TextAugment()
+    audio: AudioAugment = AudioAugment()
+
+
+def sample_seed(seed: int, epoch: int, key: str, salt: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}:{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+# -- images ------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def image_pipeline(cfg: ImageAugment, size: int, flip: bool):
+    import albumentations as A
+    import cv2
+
+    ops = [
+        A.RandomResizedCrop(size=(size, size), scale=cfg.crop_scale, ratio=(0.9, 1.1), p=cfg.p_crop),
+        A.Affine(rotate=(-cfg.max_rotate_degrees, cfg.max_rotate_degrees), border_mode=cv2.BORDER_REPLICATE, p=cfg.p_rotate),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=cfg.p_color),
+        A.GaussianBlur(blur_limit=(3, 3), p=cfg.p_blur),
+    ]
+    if flip:
+        ops.append(A.HorizontalFlip(p=cfg.p_flip))
+    return A.Compose(ops)
+
+
+def augment_image(pixels: np.ndarray, caption: str, cfg: ImageAugment, seed: int) -> np.ndarray:
+    pipeline = image_pipeline(cfg, pixels.shape[0], flip=not LEFT_RIGHT.search(caption))
+    pipeline.set_random_seed(seed)
+    return pipeline(image=pixels)["image"]
+
+
+# -- text --------------------------------------------------------------------------------------
+def synonym_groups(path: str | None) -> list[list[str]]:
+    lines = Path(path or SYNONYMS_FILE).read_text(encoding="utf-8").splitlines()
+    return [line.split() for line in lines if line.strip() and not line.startswith("#") and len(line.split()) > 1]
+
+
+@lru_cache(maxsize=4)
+def text_ops(cfg: TextAugment) -> list[tuple[float, object]]:
+    import nlpaug.augmenter.char as nac
+    import nlpaug.augmenter.word as naw
+
+    ops = [
+        (cfg.p_swap, naw.RandomWordAug(action="swap", aug_max=1)),
+        (cfg.p_delete, naw.RandomWordAug(action="delete", aug_max=1)),
+        (cfg.p_keyboard, nac.KeyboardAug(aug_word_max=1, aug_char_max=1)),
+        (cfg.p_ocr, nac.OcrAug(aug_word_max=1, aug_char_max=1)),
+        (cfg.p_spelling, naw.SpellingAug(aug_max=1)),
+        (cfg.p_synonym, naw.ReservedAug(reserved_tokens=synonym_groups(cfg.synonyms_file), aug_max=2)),
+    ]
+    if cfg.wordnet_data:
+        import nltk
+
+        nltk.data.path.insert(0, cfg.wordnet_data)
+        ops.append((cfg.p_synonym, naw.SynonymAug(aug_src="wordnet", aug_max=1)))
+    return ops
+
+
+def augment_text(text: str, cfg: TextAugment, seed: int) -> str:
+    from nlpaug.util import Randomness
+
+    chooser = random.Random(seed)
+    for index, (probability, op) in enumerate(text_ops(cfg)):
+        if chooser.random() < probability:
+            Randomness.seed(seed + index)
+            out = op.augment(text)
+            text = (out[0] if isinstance(out, list) else out) or text
+    return text
+
+
+# -- audio -------------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def audio_ops(cfg: AudioAugment, rate: int) -> list[tuple[float, object]]:
+    import nlpaug.augmenter.audio as naa
+
+    whole = {"zone": (0.0, 1.0), "coverage": 1.0}
+    return [
+        (cfg.p_noise, naa.NoiseAug(**whole, color="white")),
+        (cfg.p_shift, naa.ShiftAug(rate, duration=cfg.max_shift_seconds)),
+        (cfg.p_loudness, naa.LoudnessAug(**whole, factor=cfg.loudness)),
+        (cfg.p_mask, naa.MaskAug(rate, zone=(0.0, 1.0), coverage=cfg.mask_coverage, mask_with_noise=False)),
+        (cfg.p_speed, naa.SpeedAug(**whole, factor=cfg.speed)),
+        (cfg.p_pitch, naa.PitchAug(rate, **whole, factor=cfg.pitch_semitones)),
+    ]
+
+
+def augment_audio(wave: np.ndarray, valid: int, cfg: AudioAugment, rate: int, seed: int) -> tuple[np.ndarray, int]:
+    """Augments the valid part only, then pads/crops back to the same length."""
+    from nlpaug.util import Randomness
+
+    if valid < 2:
+        return wave, valid
+    chooser = random.Random(seed)
+    clip = wave[:valid].astype(np.float32)
+    for index, (probability, op) in enumerate(audio_ops(cfg, rate)):
+        if chooser.random() < probability:
+            Randomness.seed(seed + index)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = op.augment(clip)
+            clip = np.asarray(out[0] if isinstance(out, list) else out, dtype=np.float32)
+    clip = np.nan_to_num(np.clip(clip, -1.0, 1.0))
+    out = np.zeros_like(wave)
+    kept = min(len(clip), len(wave))
+    out[:kept] = clip[:kept]
+    return out, kept

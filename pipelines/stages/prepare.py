@@ -1,0 +1,189 @@
+"""Prepare: decode every shard once on Ray Data, quarantine what is unusable, learn the tokenizer
+and the answer vocabulary, plan the modality balancing, and describe the streaming dataset
+the train workers consume (`dataset_spec.json`; see pipelines.data.dataset).
+
+Outputs: dataset_spec.json, tokenizer.json, answers.json, quarantine.jsonl, balance.json,
+plots/balance.png, plots/augmentation_preview.png, and with `materialize`, decoded Parquet
+per split (then training reads it instead of decoding again).
+Invariant, checked here and tested: samples in = samples usable + samples quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections import Counter, defaultdict
+
+from pydantic import Field
+
+from model.tokenizer import Tokenizer
+from pipelines.configbase import Strict
+from pipelines.dag import StageContext, StageError, StageResult
+from pipelines.data.augment import AugmentConfig
+from pipelines.data.balance import BalanceConfig, expected_counts, loss_weights, multiplicities
+from pipelines.data.dataset import DatasetSpec, build_dataset, limit_data_cpus, read_decoded
+from pipelines.data.decode import DecodeSettings
+from pipelines.data.report import augmentation_preview, balance_histogram
+from pipelines.data.transforms import augment_batch, decode_row
+from pipelines.data.wds_reader import read_tar
+from pipelines.storage import Storage
+
+SUMMARY_FIELDS = ("key", "source", "split", "reason", "member", "detail", "combo", "caption", "question", "answer")
+
+
+class PrepareConfig(Strict):
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(64, ge=16, le=1024)
+    sample_rate: int = Field(16000, ge=4000, le=48000)
+    max_audio_seconds: float = Field(1.0, gt=0, le=60)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_text_chars: int = Field(512, ge=1)
+    max_text_len: int = Field(48, ge=4, le=1024, description="tokens, <bos> and <eos> included")
+    max_member_mb: float = Field(64.0, gt=0)
+    vocab_size: int = Field(1024, ge=300, le=200_000)
+    max_answers: int = Field(1000, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+    balance: BalanceConfig = BalanceConfig()
+    materialize: bool = False
+    data_cpus: float = Field(2.0, gt=0, description="CPUs Ray Data may hold, so train workers keep theirs")
+    batch_size: int = Field(32, ge=1)
+    preview_samples: int = Field(8, ge=0, le=32)
+
+    def decode_settings(self) -> DecodeSettings:
+        return DecodeSettings(self.image_size, self.max_image_pixels, self.sample_rate, self.max_audio_seconds,
+                              self.max_text_chars)
+
+
+def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
+    limit_data_cpus(cfg.data_cpus)
+    index_uri = ctx.inputs["shard"].outputs["index"]
+    index = Storage(index_uri).read_json()
+    root = posixpath.dirname(index_uri)
+    shards = {split: [Storage(root).child(s["path"]).uri for s in info["shards"]] for split, info in index["splits"].items()}
+    if not shards.get("train"):
+        raise StageError("prepare: the shard index has no train shards")
+    spec = DatasetSpec(shards=shards, decode=cfg.decode_settings().__dict__, tokenizer_json="", answers=[],
+                       max_text_len=cfg.max_text_len, augment=cfg.augment, multiplicity={}, weights={}, seed=cfg.seed,
+                       member_limit=int(cfg.max_member_mb * 2**20), batch_size=cfg.batch_size, data_cpus=cfg.data_cpus)
+    if cfg.materialize:
+        spec = spec.model_copy(update={"materialized": materialize(spec, ctx.output)})
+    rows = summarize(spec)
+
+    quarantined = [r for r in rows if r["reason"]]
+    usable = [r for r in rows if not r["reason"]]
+    if len(rows) != len(usable) + len(quarantined):  # pragma: no cover - a broken invariant is a bug
+        raise AssertionError("samples in != samples out + quarantined")
+    ctx.output.write_bytes("".join(json.dumps({k: r[k] for k in ("key", "source", "member", "reason", "detail")}) + "\n"
+                                   for r in quarantined).encode(), "quarantine.jsonl")
+    train = [r for r in usable if r["split"] == "train"]
+    if not train:
+        raise StageError("prepare: no usable train samples (see quarantine.jsonl)")
+
+    tokenizer = Tokenizer.train([t for r in train for t in (r["caption"], r["question"], r["answer"]) if t], cfg.vocab_size)
+    ctx.output.write_bytes(tokenizer.to_json().encode(), "tokenizer.json")
+    answers = [a for a, _ in Counter(r["answer"] for r in train if r["answer"] and r["question"]).most_common(cfg.max_answers)]
+    ctx.output.write_json(answers, "answers.json")
+
+    plan = balance_plan(cfg, train)
+    ctx.output.write_json(plan, "balance.json")
+    ctx.output.write_bytes(balance_histogram(plan["before"], plan["after_epoch0"], cfg.balance.target), "plots", "balance.png")
+
+    spec = spec.model_copy(update={"tokenizer_json": tokenizer.to_json(), "answers": answers,
+                                   "multiplicity": plan["multiplicity"], "weights": plan["weights"]})
+    ctx.output.write_json(spec.model_dump(mode="json"), "dataset_spec.json")
+    preview_rows = preview(spec, cfg, ctx.output)
+    first_batch = consumer_check(spec)
+
+    reasons = Counter(r["reason"] for r in quarantined)
+    per_split = Counter(r["split"] for r in usable)
+    metrics = {"samples_in": len(rows), "samples_usable": len(usable), "quarantined": len(quarantined),
+               "vocab_size": tokenizer.vocab_size, "answers": len(answers), "first_batch_seconds": first_batch}
+    metrics |= {f"quarantined.{reason}": n for reason, n in reasons.items()}
+    metrics |= {f"samples.{split}": n for split, n in per_split.items()}
+    metrics |= {f"balance.before.{c}": n for c, n in plan["before"].items()}
+    metrics |= {f"balance.after.{c}": n for c, n in plan["after_epoch0"].items()}
+    print(f"prepare: {len(rows)} samples in, {len(usable)} usable, {len(quarantined)} quarantined {dict(reasons) or ''}; "
+          f"vocabulary {tokenizer.vocab_size}, {len(answers)} answers; first batch in {first_batch:.1f} s")
+    out = ctx.output.uri
+    return StageResult(
+        outputs={"spec": f"{out}/dataset_spec.json", "tokenizer": f"{out}/tokenizer.json",
+                 "quarantine": f"{out}/quarantine.jsonl"},
+        metrics=metrics,
+        summary={"usable": dict(per_split), "quarantined": dict(reasons), "answers": len(answers)},
+        tables={"quarantine": [{k: r[k] for k in ("key", "source", "member", "reason", "detail")} for r in quarantined][:5000],
+                "augmentation_texts": preview_rows},
+        artifacts={"plots/balance.png": f"{out}/plots/balance.png",
+                   "plots/augmentation_preview.png": f"{out}/plots/augmentation_preview.png",
+                   "balance.json": f"{out}/balance.json"},
+    )
+
+
+def materialize(spec: DatasetSpec, out: Storage) -> dict[str, str]:
+    """Decode each split once into Parquet (quarantine rows included, with their reason)."""
+    folders = {}
+    for split in spec.shards:
+        target = out.child("materialized", split)
+        read_decoded(spec, split, None).write_parquet(target.path(), filesystem=target.fs)
+        folders[split] = target.uri
+    return folders
+
+
+def summarize(spec: DatasetSpec) -> list[dict]:
+    """The small facts of every sample: one decode pass over every split on Ray Data."""
+    rows = []
+    for split in spec.shards:
+        ds = read_decoded(spec, split, None).select_columns(list(SUMMARY_FIELDS))
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            rows += [dict(zip(SUMMARY_FIELDS, values)) for values in zip(*(batch[f] for f in SUMMARY_FIELDS))]
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
+
+
+def balance_plan(cfg: PrepareConfig, train: list[dict]) -> dict:
+    before = Counter(r["combo"] for r in train)
+    mult = multiplicities(dict(before), cfg.balance.target)
+    keys = defaultdict(list)
+    for r in train:
+        keys[r["combo"]].append(r["key"])
+    after = expected_counts(keys, mult, cfg.seed, epoch=0)
+    return {"before": dict(before), "target": cfg.balance.target, "multiplicity": mult, "after_epoch0": after,
+            "weights": loss_weights(after, cfg.balance.loss_weights)}
+
+
+def preview(spec: DatasetSpec, cfg: PrepareConfig, out: Storage) -> list[dict]:
+    """A few train samples before and after augmentation (epoch 0), as a PNG grid and a table."""
+    shard = Storage(spec.shards["train"][0])
+    settings = spec.settings
+    samples = []
+    with shard.fs.open_input_stream(shard.path()) as stream:
+        for item in read_tar(stream, shard.uri, spec.member_limit):
+            if isinstance(item, dict):
+                decoded = decode_row(item, settings)
+                if not decoded["reason"]:
+                    samples.append(dict(decoded, key=item["key"]))
+            if len(samples) == cfg.preview_samples:
+                break
+    if not samples:
+        return []
+    batch = {name: _column([s[name] for s in samples]) for name in samples[0]}
+    after = augment_batch(batch, spec.augment, spec.seed, 0, settings.sample_rate)
+    augmented = [{name: after[name][i] for name in after} for i in range(len(samples))]
+    out.write_bytes(augmentation_preview(samples, augmented, settings.sample_rate), "plots", "augmentation_preview.png")
+    return [{"key": s["key"], "text_before": s["text"], "text_after": a["text"]} for s, a in zip(samples, augmented)]
+
+
+def _column(values):
+    import numpy as np
+
+    if isinstance(values[0], np.ndarray):
+        return np.stack(values)
+    return np.array(values, dtype=object if isinstance(values[0], str) else None)
+
+
+def consumer_check(spec: DatasetSpec) -> float:
+    """Seconds until the first model-ready batch of the train stream arrives (it must)."""
+    started = time.perf_counter()
+    batch = next(iter(build_dataset(spec, "train").iter_torch_batches(batch_size=8)), None)
+    if batch is None or batch["text_ids"].ndim != 2 or batch["image"].ndim != 4:
+        raise StageError("prepare: the train stream yielded no model-ready batch")
+    return time.perf_counter() - started
