@@ -71,8 +71,10 @@ def read_decoded(spec: DatasetSpec, split: str, epoch_seed: int | None) -> ray.d
     store = Storage(posixpath.dirname(uris[0]))
     paths = [Storage(u).path() for u in uris]
     source = SafeShardDatasource(paths, member_limit=spec.member_limit, filesystem=store.fs, shuffle=shuffle)
-    return ray.data.read_datasource(source).map_batches(decode_batch, fn_kwargs={"settings": spec.settings},
-                                                       batch_size=spec.batch_size, batch_format="numpy")
+    # One block per shard: letting Ray split each shard's block into small ones to reach its
+    # target parallelism made 5x more decode tasks and cost ~30% throughput on 2 cores.
+    return ray.data.read_datasource(source, override_num_blocks=len(paths)).map_batches(
+        decode_batch, fn_kwargs={"settings": spec.settings}, batch_size=spec.batch_size, batch_format="numpy")
 
 
 def build_dataset(spec: DatasetSpec, split: str, epoch=0, augment: bool | None = None,
