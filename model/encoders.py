@@ -12,7 +12,7 @@ ViT and audio take `keep`: indices of the patches to encode (MAE-style masking).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,8 +21,10 @@ from model.config import ModelConfig
 from model.layers import Stack
 
 
-@dataclass
-class Encoded:
+class Encoded(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 finds the tensors of a module's output only in
+    tuples, lists and dicts, and without them its pre-backward hooks never gather parameters."""
+
     tokens: torch.Tensor  # (B, N, W)
     mask: torch.Tensor  # (B, N) True on real tokens
     pooled: torch.Tensor  # (B, W)
@@ -70,7 +72,7 @@ class ViTEncoder(nn.Module):
         return x.reshape(b, (h // p) * (w // p), c * p * p)
 
     def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
-        x = self.embed(image).flatten(2).transpose(1, 2) + self.pos[:, 1:]
+        x = self.embed(image.to(self.embed.weight.dtype)).flatten(2).transpose(1, 2) + self.pos[:, 1:]
         if keep is not None:
             x = gather_patches(x, keep)
         cls = (self.cls + self.pos[:, :1]).expand(x.shape[0], -1, -1)
@@ -105,12 +107,16 @@ class ConvEncoder(nn.Module):
         strided = max(0, int(math.log2(cfg.image_size // 2 // 8)))
         self.blocks = nn.Sequential(*(SeparableBlock(widths[i], widths[i + 1], 2 if i < strided else 1)
                                       for i in range(depth)))
+        side = cfg.image_size // 2 // 2 ** min(strided, depth)
+        # Where each cell of the feature map is: captions and questions talk about positions.
+        self.pos = nn.Parameter(torch.zeros(1, side * side, width))
+        nn.init.trunc_normal_(self.pos, std=0.02)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
         if keep is not None:
             raise ValueError("the convolutional image encoder does not support patch masking")
-        x = self.norm(self.blocks(self.stem(image)).flatten(2).transpose(1, 2))
+        x = self.norm(self.blocks(self.stem(image.to(self.stem[0].weight.dtype))).flatten(2).transpose(1, 2) + self.pos)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return Encoded(x, mask, x.mean(dim=1))
 
@@ -147,8 +153,11 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, n_mels, frames), roughly zero-mean unit-scale."""
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, center=False, return_complex=True)
-        mel = torch.einsum("bft,fm->bmt", spec.abs() ** 2, self.filters)
+        # Always float32: the STFT has no bf16 kernel, and an engine that casts the model to bf16
+        # casts these buffers too.
+        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window.float(), center=False,
+                          return_complex=True)
+        mel = torch.einsum("bft,fm->bmt", spec.abs() ** 2, self.filters.float())
         return (torch.log(mel + 1e-6) + 4.0) / 4.0
 
     def frame_mask(self, sample_mask: torch.Tensor) -> torch.Tensor:
@@ -188,7 +197,7 @@ class AudioEncoder(nn.Module):
     def forward(self, wave: torch.Tensor, sample_mask: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> Encoded:
         patches, valid = self.patchify(wave, sample_mask)
-        x = self.embed(patches) + self.pos[:, 1: 1 + patches.shape[1]]
+        x = self.embed(patches.to(self.embed.weight.dtype)) + self.pos[:, 1: 1 + patches.shape[1]]
         if keep is not None:
             x, valid = gather_patches(x, keep), torch.gather(valid, 1, keep)
         cls = (self.cls + self.pos[:, :1]).expand(x.shape[0], -1, -1)

@@ -13,7 +13,7 @@ for some samples (its mask is all False for them); either way it takes no part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,8 +23,9 @@ from model.encoders import Encoded
 from model.layers import MLP, Attention, Stack, masked_mean
 
 
-@dataclass
-class Fused:
+class Fused(NamedTuple):
+    """A NamedTuple for ZeRO-3's hooks, like Encoded."""
+
     tokens: torch.Tensor  # (B, N, W): what a decoder cross-attends to
     mask: torch.Tensor  # (B, N)
     pooled: torch.Tensor  # (B, W): what classification heads read
@@ -76,7 +77,9 @@ class Fusion(nn.Module):
     def forward(self, inputs: dict[str, Encoded]) -> Fused:
         if not inputs:
             raise ValueError("fusion needs at least one modality")
-        streams = {m: Encoded(e.tokens + self.type_embed.weight[MODALITIES.index(m)], e.mask, e.pooled)
+        # Called as a module (not .weight[...]) so ZeRO-3 gathers the embedding before use.
+        types = self.type_embed(torch.arange(len(MODALITIES), device=next(iter(inputs.values())).tokens.device))
+        streams = {m: Encoded(e.tokens + types[MODALITIES.index(m)].to(e.tokens.dtype), e.mask, e.pooled)
                    for m, e in inputs.items()}
         if self.strategy == "late":
             return self._late(streams)

@@ -39,7 +39,8 @@ class CrossModalModel(nn.Module):
         # The alignment layer (F1): every modality projected into one shared embedding space.
         self.align = nn.ModuleDict({m: nn.Linear(e.width, cfg.embed_dim, bias=False) for m, e in self.encoders.items()})
         self.to_fusion = nn.ModuleDict({m: nn.Linear(e.width, width) for m, e in self.encoders.items()})
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Shape [1], not a scalar: DeepSpeed's bf16 optimizer cannot flatten 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
         self.fusion = Fusion(cfg)
         self.decoder = CaptionDecoder(cfg)
         self.matching_head = MatchingHead(width)

@@ -40,7 +40,7 @@ class LossWeights:
 # -- contrastive -----------------------------------------------------------------------------
 def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric CLIP loss per row: matched rows are the positives, all others negatives."""
-    logits = scale * a @ b.T
+    logits = (scale * a @ b.T).float()  # losses in float32 whatever the weights' dtype
     target = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
 
@@ -86,8 +86,8 @@ def matching(model, encoded, embeddings, present, context_present, generator) ->
     t = encoded["text"]
     swapped = dict(encoded, text=Encoded(t.tokens[negative], t.mask[negative], t.pooled[negative]))
     neg_present = dict(context_present, text=present["text"][negative])
-    pos_logits = model.match_logits(model.fuse(encoded, dict(context_present, text=present["text"])))
-    neg_logits = model.match_logits(model.fuse(swapped, neg_present))
+    pos_logits = model.match_logits(model.fuse(encoded, dict(context_present, text=present["text"]))).float()
+    neg_logits = model.match_logits(model.fuse(swapped, neg_present)).float()
     ones = torch.ones(pos_logits.shape[0], dtype=torch.long, device=pos_logits.device)
     loss = (F.cross_entropy(pos_logits, ones, reduction="none") + F.cross_entropy(neg_logits, 1 - ones, reduction="none")) / 2
     has_context = torch.stack([context_present[m] for m in encoded if m != "text"]).any(dim=0)
@@ -114,7 +114,7 @@ def masked_text(model, batch, encoded, present, context_present, ratio, generato
     masked_ids, chosen = mask_tokens(ids, mask, ratio, generator)
     inputs = dict(encoded, text=model.encode_text(masked_ids, mask))
     fused = model.fuse(inputs, dict(context_present, text=present["text"]))
-    logits = model.masked_text_head(fused.tokens[:, fused.spans["text"]])
+    logits = model.masked_text_head(fused.tokens[:, fused.spans["text"]]).float()
     per_token = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * chosen
     return per_token.sum(1) / chosen.sum(1).clamp(min=1), present["text"] & chosen.any(dim=1)
 
@@ -122,12 +122,13 @@ def masked_text(model, batch, encoded, present, context_present, ratio, generato
 def masked_patches(head, patches: torch.Tensor, valid: torch.Tensor, run_encoder, ratio, generator) -> torch.Tensor:
     """MAE: encode a random subset of patches, reconstruct the hidden ones (normalised targets)."""
     batch, total, _ = patches.shape
+    patches = patches.float()
     keep = random_keep(batch, total, max(1, int(round(total * (1 - ratio)))), generator, patches.device)
     visible = run_encoder(keep).tokens[:, 1:]  # drop [cls]
     predicted = head(visible, keep, total)
     target = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
     hidden = torch.ones(batch, total, dtype=torch.bool, device=patches.device).scatter(1, keep, False) & valid
-    per_patch = ((predicted - target) ** 2).mean(-1) * hidden
+    per_patch = ((predicted.float() - target.float()) ** 2).mean(-1) * hidden
     return per_patch.sum(1) / hidden.sum(1).clamp(min=1)
 
 
@@ -174,7 +175,7 @@ def question_answering(model, batch, encoded, context_present) -> tuple[TaskLoss
     asked = labels >= 0
     question = model.encode_text(batch["question_ids"], batch["question_mask"])
     fused = model.fuse(dict(context, text=question), dict(context_present, text=asked))
-    vqa = F.cross_entropy(model.answer_logits(fused), labels.clamp(min=0), reduction="none")
+    vqa = F.cross_entropy(model.answer_logits(fused).float(), labels.clamp(min=0), reduction="none")
     has_context = torch.stack([context_present[m] for m in context]).any(dim=0) if context else asked
     applies = asked & has_context
     if "answer_ids" not in batch:
