@@ -18,33 +18,11 @@ from __future__ import annotations
 import posixpath
 
 import ray
-from pydantic import BaseModel
 
-from pipelines.data.augment import AugmentConfig
 from pipelines.data.datasource import SafeShardDatasource
-from pipelines.data.decode import DecodeSettings
+from pipelines.data.spec import DatasetSpec
 from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch
 from pipelines.storage import Storage
-
-
-class DatasetSpec(BaseModel):
-    shards: dict[str, list[str]]  # split -> shard URIs
-    materialized: dict[str, str] = {}  # split -> Parquet folder URI of decoded samples
-    decode: dict  # DecodeSettings fields
-    tokenizer_json: str
-    answers: list[str]
-    max_text_len: int
-    augment: AugmentConfig
-    multiplicity: dict[str, float]
-    weights: dict[str, float]
-    seed: int
-    member_limit: int
-    batch_size: int = 32
-    data_cpus: float = 2.0
-
-    @property
-    def settings(self) -> DecodeSettings:
-        return DecodeSettings(**self.decode)
 
 
 @ray.remote(num_cpus=0)
@@ -101,8 +79,12 @@ def build_dataset(spec: DatasetSpec, split: str, epoch=0, augment: bool | None =
 
 
 def limit_data_cpus(cpus: float) -> None:
-    """Cap the CPUs Ray Data takes in this process's executions, so train workers keep theirs.
+    """Cap the CPUs Ray Data takes in this process's executions, so train workers keep theirs;
+    no spinning while the consumer is the bottleneck (see pipelines.data.executor).
     Per-operator progress bars off: from a stage task they reach the driver as log lines."""
+    from pipelines.data.executor import install
+
     ctx = ray.data.DataContext.get_current()
+    install(ctx)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=cpus)
     ctx.enable_operator_progress_bars = False
