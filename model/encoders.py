@@ -81,14 +81,21 @@ class ViTEncoder(nn.Module):
         return Encoded(x, mask, x[:, 0])
 
 
+def norm2d(channels: int) -> nn.GroupNorm:
+    """GroupNorm where MobileNet has BatchNorm: no running statistics, so the block is the same in
+    training and evaluation, on every data-parallel rank, and in bf16 (BatchNorm's fp32 buffers
+    break a bf16 engine)."""
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
 class SeparableBlock(nn.Module):
-    """MobileNet block: depthwise 3x3 conv then pointwise 1x1 conv, each with BN and ReLU6."""
+    """MobileNet block: depthwise 3x3 conv then pointwise 1x1 conv, each with a norm and ReLU6."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.depthwise = nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
-                                       nn.BatchNorm2d(c_in), nn.ReLU6())
-        self.pointwise = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6())
+                                       norm2d(c_in), nn.ReLU6())
+        self.pointwise = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), norm2d(c_out), nn.ReLU6())
 
     def forward(self, x):
         return self.pointwise(self.depthwise(x))
@@ -102,7 +109,7 @@ class ConvEncoder(nn.Module):
         width, depth = cfg.image.width, cfg.image.depth
         self.width = width
         widths = [max(8, width // 4)] + [max(8, width * (i + 1) // depth) for i in range(depth)]
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU6())
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), norm2d(widths[0]), nn.ReLU6())
         # Down-sample in the first blocks until the feature map is at most 8x8 tokens.
         strided = max(0, int(math.log2(cfg.image_size // 2 // 8)))
         self.blocks = nn.Sequential(*(SeparableBlock(widths[i], widths[i + 1], 2 if i < strided else 1)

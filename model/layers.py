@@ -30,6 +30,16 @@ def attention_mask(key_mask: torch.Tensor | None, q_len: int, causal: bool, devi
     return mask
 
 
+def explicit_attention(q, k, v, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """Attention as two matmuls and a float32 softmax. On CPU in bf16 this is 2.5x faster than
+    SDPA's flash kernel (whose backward dominated a training step); the matmuls use AMX/AVX-512."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)  # finite: no NaN on empty rows
+    weights = F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout else torch.softmax(scores, dim=-1)
+    return weights.to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention; `qkv` for self-attention, `q` + `kv` for cross-attention."""
 
@@ -52,7 +62,11 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (t.view(batch, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
         mask = attention_mask(key_mask, length, causal, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            out = explicit_attention(q, k, v, mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         out = self.proj(out.transpose(1, 2).reshape(batch, length, width))
         if key_mask is not None:
             out = out * key_mask.any(dim=-1)[:, None, None].to(out.dtype)

@@ -1,13 +1,20 @@
 """The bundled demo world: coloured shapes on a 3x3 grid, described in three modalities.
 
 Every sample has ground truth that ties the modalities together:
-- image: one to three shapes (circle, square, triangle, diamond) in six colours, each in its
-  own cell of a 3x3 grid, on a noisy background;
+- image: one or two shapes by default (`shape_counts` sets how often each count appears, up
+  to three) - circle, square, triangle, diamond - in six colours, each in its own cell of a
+  3x3 grid, on a noisy background;
 - text: a caption naming each shape's colour, kind and position, in reading order;
 - audio: one time slot per shape, in the same reading order; the shape's colour is a tone
   (one pitch per colour), its kind is a rhythm (1-4 pulses of that tone), its grid cell is a
   low drone (one pitch per cell). So audio<->text and audio<->image retrieval are learnable;
 - json: the objects plus one question/answer pair about colour, shape, count or position.
+
+Why one or two shapes by default: the demo must be learnt from random weights in under ten
+minutes on two CPU cores (retrieval recall@1 >= 0.8 among 500+ candidates). With up to three
+shapes the model has to bind nine attributes per scene and plateaued near 0.7; and a world
+where a third of the scenes hold one shape (216 possible) cannot reach 0.8 at all, since
+identical single-shape scenes are indistinguishable. Single shapes are therefore rare (25%).
 
 Some samples lack their image or audio on purpose, so balancing and missing-modality
 training have something to do. Each sample depends only on (seed, index): the world does not
@@ -83,6 +90,7 @@ class DemoWorld:
     audio_format: str = "flac"
     missing_image: float = 0.10
     missing_audio: float = 0.15
+    shape_counts: tuple[float, ...] = (0.25, 0.75)  # probability of 1, 2, (3) shapes
 
     def key(self, index: int) -> str:
         return f"demo-s{self.seed}-{index:08d}"
@@ -90,7 +98,7 @@ class DemoWorld:
     def sample(self, index: int) -> dict:
         """One record in the ingest schema (see `pipelines.data.records`)."""
         rng = np.random.default_rng([self.seed, index])
-        shapes = draw_scene(rng)
+        shapes = draw_scene(rng, self.shape_counts)
         caption = describe(shapes, rng)
         question, answer, qtype = ask(shapes, rng)
         roll = rng.random()
@@ -104,7 +112,7 @@ class DemoWorld:
             "image": encode_image(render_image(shapes, self.image_size, rng), self.image_format) if has_image else None,
             "image_ext": self.image_format if has_image else None,
             "text": caption.encode("utf-8"),
-            "audio": encode_audio(render_audio(shapes, self.sample_rate, self.audio_seconds, rng),
+            "audio": encode_audio(render_audio(shapes, self.sample_rate, self.audio_seconds, rng, len(self.shape_counts)),
                                   self.sample_rate, self.audio_format) if has_audio else None,
             "audio_ext": self.audio_format if has_audio else None,
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
@@ -112,8 +120,8 @@ class DemoWorld:
         }
 
 
-def draw_scene(rng: np.random.Generator) -> list[Shape]:
-    count = int(rng.integers(1, 4))
+def draw_scene(rng: np.random.Generator, shape_counts=(0.25, 0.75)) -> list[Shape]:
+    count = 1 + int(rng.choice(len(shape_counts), p=np.asarray(shape_counts) / sum(shape_counts)))
     cells = sorted(rng.choice(9, size=count, replace=False).tolist())  # reading order
     colours = list(COLOURS)
     return [Shape(colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))], cell) for cell in cells]
@@ -168,9 +176,11 @@ def render_image(shapes: list[Shape], size: int, rng: np.random.Generator) -> np
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def render_audio(shapes: list[Shape], sample_rate: int, seconds: float, rng: np.random.Generator) -> np.ndarray:
+def render_audio(shapes: list[Shape], sample_rate: int, seconds: float, rng: np.random.Generator,
+                 slots: int = 3) -> np.ndarray:
+    """One slot per possible shape, so a slot's place in time says which shape it is."""
     total = int(round(sample_rate * seconds))
-    slot = total // 3
+    slot = total // slots
     wave = 0.02 * rng.standard_normal(total, dtype=np.float32)
     phase = (2 * np.pi / sample_rate) * np.arange(slot, dtype=np.float32)
     for index, s in enumerate(shapes):

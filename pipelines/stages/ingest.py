@@ -40,9 +40,13 @@ class DemoWorldConfig(Strict):
     audio_format: Literal["wav", "flac"] = "flac"
     missing_image: float = Field(0.10, ge=0.0, le=1.0)
     missing_audio: float = Field(0.15, ge=0.0, le=1.0)
+    shape_counts: list[float] = Field([0.25, 0.75], min_length=1, max_length=3,
+                                      description="probability of a scene with 1, 2, 3 shapes")
 
     @model_validator(mode="after")
     def _fractions(self):
+        if any(p < 0 for p in self.shape_counts) or sum(self.shape_counts) <= 0:
+            raise ValueError("shape_counts must be non-negative with a positive sum")
         if self.missing_image + self.missing_audio > 1.0:
             raise ValueError("missing_image + missing_audio must be at most 1")
         return self
@@ -202,7 +206,8 @@ def write_part(unit: Unit, cfg: IngestConfig, out: Storage) -> dict:
 def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
     limit = cfg.member_limit
     if unit.kind == "demo":
-        world = DemoWorld(**cfg.demo.model_dump(exclude={"num_samples"}))
+        settings = cfg.demo.model_dump(exclude={"num_samples"})
+        world = DemoWorld(**settings | {"shape_counts": tuple(settings["shape_counts"])})
         start, stop = unit.items
         yield from (world.sample(i) for i in range(start, stop))
     elif unit.kind == "shards":

@@ -45,8 +45,11 @@ def test_image_shows_each_object_in_its_cell_in_its_colour():
         cell = pixels.shape[0] // 3
         for shape in objects(record):
             row, col = divmod(shape.cell, 3)
-            centre = pixels[row * cell + cell // 2 - 2:row * cell + cell // 2 + 3, col * cell + cell // 2 - 2:col * cell + cell // 2 + 3]
-            distances = {name: np.linalg.norm(centre.mean(axis=(0, 1)) - rgb) for name, rgb in COLOURS.items()}
+            area = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell].reshape(-1, 3)
+            # The shape's pixels: saturated, unlike the grey background (a triangle's centre may miss it).
+            shape_pixels = area[area.max(axis=1) - area.min(axis=1) > 80]
+            assert len(shape_pixels) > 10
+            distances = {name: np.linalg.norm(shape_pixels.mean(axis=0) - rgb) for name, rgb in COLOURS.items()}
             assert min(distances, key=distances.get) == shape.colour
 
 
@@ -74,7 +77,7 @@ def test_audio_encodes_colour_rhythm_and_position_per_slot():
             continue
         wave, rate = sf.read(io.BytesIO(record["audio"]))
         assert rate == 16000 and len(wave) == 16000
-        slot = len(wave) // 3
+        slot = len(wave) // len(WORLD.shape_counts)  # one slot per possible shape
         for k, shape in enumerate(objects(record)):
             segment = wave[k * slot:(k + 1) * slot]
             tone = dominant(segment, rate, 480, 1500)
@@ -86,6 +89,15 @@ def test_audio_encodes_colour_rhythm_and_position_per_slot():
         silent = wave[len(objects(record)) * slot:]
         assert len(silent) == 0 or np.sqrt(np.mean(silent ** 2)) < 0.05  # only the noise floor
     assert checked > 40
+
+
+@pytest.mark.parametrize("counts", [(0.25, 0.75), (0.2, 0.3, 0.5)])
+def test_shape_counts_follow_the_configured_mixture(counts):
+    world = DemoWorld(seed=2, shape_counts=counts)
+    seen = Counter(len(json.loads(world.sample(i)["json"])["objects"]) for i in range(1500))
+    assert set(seen) == set(range(1, len(counts) + 1))
+    for count, share in enumerate(counts, start=1):
+        assert seen[count] / 1500 == pytest.approx(share, abs=0.04)
 
 
 def test_missing_modalities_at_the_configured_rates():
