@@ -20,6 +20,7 @@ from pipelines.configbase import Strict
 from pipelines.stages.ingest import IngestConfig
 from pipelines.stages.prepare import PrepareConfig
 from pipelines.stages.shard import ShardConfig
+from pipelines.training.config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class PipelineConfig(Strict):
     ingest: IngestConfig = IngestConfig()
     shard: ShardConfig = ShardConfig()
     prepare: PrepareConfig = PrepareConfig()
+    train: TrainConfig = TrainConfig()
 
     def digest(self) -> str:
         """sha256 of the resolved config, stable across key order and formatting."""

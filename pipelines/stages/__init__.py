@@ -8,6 +8,7 @@ from pipelines.dag import Stage
 from pipelines.stages.ingest import ingest, source_fingerprint
 from pipelines.stages.prepare import prepare
 from pipelines.stages.shard import shard
+from pipelines.stages.train import train
 
 STAGES: list[Stage] = [
     Stage("ingest", ingest, section="ingest", fingerprint=source_fingerprint,
@@ -16,4 +17,9 @@ STAGES: list[Stage] = [
     Stage("prepare", prepare, section="prepare", needs=("shard",),
           code=("pipelines.data.augment", "pipelines.data.balance", "pipelines.data.dataset", "pipelines.data.datasource",
                 "pipelines.data.decode", "pipelines.data.transforms", "pipelines.data.wds_reader", "model.tokenizer")),
+    Stage("train", train, section="train", needs=("prepare",),
+          code=("pipelines.training.config", "pipelines.training.engine", "pipelines.training.loop",
+                "pipelines.training.ray_worker", "pipelines.training.evaluation", "pipelines.data.collate",
+                "model.multimodal", "model.encoders", "model.fusion", "model.decoder", "model.heads",
+                "model.objectives", "model.layers", "model.config")),
 ]

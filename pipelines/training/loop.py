@@ -1,0 +1,151 @@
+"""The training loop: DeepSpeed engine, multi-task step, validation, checkpoints, resume.
+
+It knows nothing of Ray or MLflow. The caller hands it:
+- `Data`: this rank's train batches for an epoch, and its part of the validation set;
+- `Sink`: where metrics go (rank 0 logs), where a checkpoint goes, where to resume from.
+All ranks run the same number of steps in lockstep (DeepSpeed's collectives need it): each
+epoch's data is split equally, and the time budget is agreed with an all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from pipelines.training.config import TrainConfig
+from pipelines.training.engine import DTYPES, Budget, cast_batch, initialize, load_rng, save_rng
+from pipelines.training.evaluation import collect, gather, summarize
+
+
+@dataclass
+class Data:
+    train_epoch: Callable[[int], Iterable[dict]]  # epoch -> this rank's model batches
+    val: Callable[[], Iterable[dict]] | None = None  # this rank's part of the validation set
+
+
+@dataclass
+class Sink:
+    log: Callable[[dict[str, float], int], None]  # called on rank 0 only
+    save: Callable[[Path, dict[str, float]], None]  # every rank: persist this local checkpoint folder
+    latest: Callable[[], Path | None]  # a local folder of the checkpoint to resume from, if any
+    log_config: Callable[[dict], None] = lambda ds_config: None
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    samples: int = 0  # samples trained on, all ranks
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)  # (step, validation metrics)
+
+
+def agreed_max(value: float) -> float:
+    """The largest of every rank's value (ranks' clocks differ slightly; decisions must not)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int) -> Progress:
+    budget = Budget()
+    engine, ds_config = initialize(model, cfg, world, budget if cfg.max_minutes else None)
+    dtype = DTYPES[cfg.precision]
+    if rank == 0:
+        sink.log_config(ds_config)
+    progress = resume(engine, sink, rank)
+    if rank == 0:  # where this session starts: 0, or the step of the checkpoint it resumed from
+        sink.log({"resumed_from_step": progress.step}, progress.step)
+    drill = cfg.fault.rank == rank and cfg.fault.step is not None and progress.step == 0
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + progress.step)
+    window_start, window_samples = time.perf_counter(), 0
+    session_start, before = time.perf_counter(), progress.train_seconds
+    last_saved = progress.step
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - session_start
+
+    while progress.step < cfg.max_steps:
+        engine.train()
+        for index, batch in enumerate(data.train_epoch(progress.epoch)):
+            if index < progress.batch_in_epoch:
+                continue  # resuming: this part of the epoch was trained on before the checkpoint
+            loss, parts = engine(cast_batch(batch, dtype), generator)
+            engine.backward(loss)
+            spent = agreed_max(elapsed())
+            budget.fraction = spent / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
+            engine.step()
+            progress.batch_in_epoch = index + 1
+            progress.samples += batch["weight"].shape[0] * world
+            window_samples += batch["weight"].shape[0] * world
+            if engine.global_steps == progress.step:
+                continue  # accumulating gradients: no optimizer step yet
+            progress.step = engine.global_steps
+            if drill and progress.step == cfg.fault.step:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault drill: this worker dies right here
+            if progress.step % cfg.log_every == 0 and rank == 0:
+                now = time.perf_counter()
+                sink.log({**{f"loss.{k}": v for k, v in parts.items()}, "lr": engine.get_lr()[0],
+                          "samples_per_s": window_samples / (now - window_start), "epoch": progress.epoch}, progress.step)
+                window_start, window_samples = now, 0
+            if data.val and progress.step % cfg.val_every == 0:
+                validate(engine, data, dtype, sink, rank, progress)
+            out_of_time = budget.fraction >= 1.0
+            if progress.step % cfg.checkpoint_every == 0 or progress.step >= cfg.max_steps or out_of_time:
+                progress.train_seconds = elapsed()
+                checkpoint(engine, sink, rank, progress)
+                last_saved = progress.step
+            if progress.step >= cfg.max_steps or out_of_time:
+                return finish(engine, data, dtype, sink, rank, progress, last_saved)
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    return finish(engine, data, dtype, sink, rank, progress, last_saved)
+
+
+def finish(engine, data, dtype, sink, rank, progress: Progress, last_saved: int) -> Progress:
+    if data.val and (not progress.history or progress.history[-1][0] != progress.step):
+        validate(engine, data, dtype, sink, rank, progress)
+    if last_saved != progress.step:
+        checkpoint(engine, sink, rank, progress)
+    return progress
+
+
+def validate(engine, data: Data, dtype, sink: Sink, rank: int, progress: Progress) -> dict:
+    engine.eval()
+    metrics = summarize(gather(collect(engine.module.model, data.val(), dtype)))
+    engine.train()
+    if rank == 0:
+        sink.log({f"val.{k}": v for k, v in metrics.items()}, progress.step)
+    progress.history.append((progress.step, metrics))
+    return metrics
+
+
+def checkpoint(engine, sink: Sink, rank: int, progress: Progress) -> None:
+    """Every rank writes its ZeRO shard, its RNG state and the loop position into one folder."""
+    state = {"step": progress.step, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
+             "samples": progress.samples, "train_seconds": progress.train_seconds}
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=f"step{progress.step}", client_state={"progress": state})
+        save_rng(Path(folder), rank)
+        sink.save(Path(folder), {"step": progress.step, "epoch": progress.epoch})
+
+
+def resume(engine, sink: Sink, rank: int) -> Progress:
+    folder = sink.latest()
+    if folder is None:
+        return Progress()
+    _, client_state = engine.load_checkpoint(str(folder))
+    load_rng(folder, rank)
+    state = client_state["progress"]
+    return Progress(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                    samples=state["samples"], train_seconds=state["train_seconds"])

@@ -1,0 +1,127 @@
+"""The train stage on real Ray Train + DeepSpeed (2 CPU workers) with a real MLflow store.
+
+One small demo world is ingested, sharded and prepared once for the module; each test then
+runs the pipeline again with its own train settings (the data stages are reused by identity).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from model.io import load
+from pipelines.config import load_config
+from pipelines.runner import run_pipeline
+from tests.conftest import DEMO_CONFIG
+
+TINY = [
+    "train.model.size=tiny", "train.model.image_encoder=vit", "train.workers=2", "train.zero_stage=2",
+    "train.precision=bf16", "train.micro_batch=16", "train.lr=3e-3", "train.warmup_steps=5",
+    "train.max_minutes=null", "train.log_every=1", "train.val_every=10", "train.shuffle_buffer=64",
+    "train.losses.matching=0.5", "train.losses.masked_text=0.5", "train.losses.caption=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory, ray_cluster):
+    """A folder whose store already holds the ingested, sharded and prepared demo world."""
+    root = tmp_path_factory.mktemp("train")
+    outcome = run_pipeline(load_config(DEMO_CONFIG, overrides(root)), only=["ingest", "shard", "prepare"], echo=lambda line: None)
+    assert outcome.status == "FINISHED", outcome.failure
+    root.joinpath("spec").write_text(outcome.by_name()["prepare"].output_uri)
+    return root
+
+
+def overrides(root, *extra: str) -> list[str]:
+    return [f"storage.root={root / 'storage'}", f"mlflow.local_store={root / 'runs'}",
+            "ingest.demo.num_samples=700", "ingest.samples_per_part=350", "shard.samples_per_shard=64",
+            "shard.splits={train: 0.8, val: 0.1, test: 0.1}", "prepare.image_size=32", "prepare.preview_samples=2",
+            *TINY, *extra]
+
+
+def run(root, *extra: str):
+    outcome = run_pipeline(load_config(DEMO_CONFIG, overrides(root, *extra)), echo=lambda line: None)
+    assert outcome.status == "FINISHED", outcome.failure
+    return outcome, MlflowClient(outcome.tracking_uri)
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def stage_runs(client, outcome, name: str):
+    parent = outcome.run_id
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    return [r for r in runs if r.info.run_name == name]
+
+
+def test_zero2_bf16_learns_and_logs_one_stage_run(demo_root):
+    outcome, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20")
+    [train_run] = stage_runs(client, outcome, "train")  # one run, written by rank 0 only
+    run_id = train_run.info.run_id
+    assert train_run.info.run_id == outcome.by_name()["train"].run_id
+
+    losses = history(client, run_id, "loss.total")
+    assert [step for step, _ in losses] == list(range(1, 41))  # one point per optimizer step, no duplicates
+    first, last = sum(v for _, v in losses[:5]) / 5, sum(v for _, v in losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    for task in ("contrastive", "matching", "masked_text", "caption", "vqa"):
+        assert len(client.get_metric_history(run_id, f"loss.{task}")) == 40
+    assert [step for step, _ in history(client, run_id, "val.text_to_image.r1")] == [10, 20, 30, 40]
+    assert all(v > 0 for _, v in history(client, run_id, "samples_per_s"))
+    assert history(client, run_id, "lr")[0][1] < history(client, run_id, "lr")[4][1]  # warm-up
+
+    ds_config = json.load(open(client.download_artifacts(run_id, "deepspeed_config.json")))
+    assert ds_config["zero_optimization"]["stage"] == 2 and ds_config["bf16"]["enabled"]
+    assert ds_config["train_batch_size"] == 32  # 16 per worker x 2 workers
+
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["test.text_to_image.candidates"] >= 40 and 0 <= metrics["test.vqa_accuracy"] <= 1
+    folder = client.download_artifacts(run_id, "model")
+    saved = load(folder)
+    assert saved.model.cfg.size == "tiny"
+    assert all(torch.isfinite(p).all() for p in saved.model.parameters())
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
+    """Rank 1 is SIGKILLed at step 13; Ray Train replaces the group and training continues from
+    the checkpoint of step 10, not from zero; the stage still finishes with loadable weights."""
+    outcome, client = run(demo_root, "train.max_steps=20", "train.checkpoint_every=5", "train.max_failures=1",
+                          "train.fault.rank=1", "train.fault.step=13", "train.val_every=100")
+    [train_run] = stage_runs(client, outcome, "train")
+    run_id = train_run.info.run_id
+    starts = [value for _, value in history(client, run_id, "resumed_from_step")]
+    assert starts == [0, 10]
+    steps = [step for step, _ in history(client, run_id, "loss.total")]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] == list(range(1, restart + 1)) and 12 <= restart <= 13  # rank 0 may log step 13
+    assert steps[restart:] == list(range(11, 21))  # the checkpoint at step 10, then on to the end
+    saved = load(client.download_artifacts(run_id, "model"))
+    assert all(torch.isfinite(p).all() for p in saved.model.parameters())
+
+
+def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
+    """No Ray: torchrun starts 2 processes that read the prepared shards themselves."""
+    import subprocess
+    import sys
+
+    from pipelines.storage import Storage
+    from tests.conftest import REPO, free_port
+
+    spec = Storage(demo_root.joinpath("spec").read_text()).child("dataset_spec.json").path()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "pipelines.training.standalone", "--spec", spec, "--config", str(DEMO_CONFIG),
+               "--out", str(tmp_path / "out"), "--workers", "0",
+               *[f"--set={o}" for o in TINY + ["train.max_steps=6", "train.checkpoint_every=3", "train.val_every=3"]]]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert any(line.startswith("step 6:") and "loss.total" in line for line in logged), done.stdout[-2000:]
+    assert "val.text_to_image.r1" in done.stdout
+    assert (tmp_path / "out" / "checkpoints" / "step6").is_dir()
+    saved = load(tmp_path / "out" / "model")
+    assert saved.extra["steps"] == 6
