@@ -32,7 +32,7 @@ def prepared(tmp_path, ray_cluster):
     cfg = load_config(DEMO_CONFIG, small_overrides(tmp_path) + [
         "ingest.source=shards", f"ingest.path={theirs}", "shard.splits={train: 1.0}",
         "prepare.image_size=32", "prepare.preview_samples=4"])
-    outcome = run_pipeline(cfg, echo=lambda line: None)
+    outcome = run_pipeline(cfg, only=["ingest", "shard", "prepare"], echo=lambda line: None)
     assert outcome.status == "FINISHED", outcome.failure
     return outcome
 
@@ -59,7 +59,7 @@ def test_quarantine_and_previews_in_the_stage_run(prepared):
 
 @pytest.fixture
 def prepared_demo(demo_config, ray_cluster):
-    outcome = run_pipeline(demo_config, echo=lambda line: None)
+    outcome = run_pipeline(demo_config, only=["ingest", "shard", "prepare"], echo=lambda line: None)
     assert outcome.status == "FINISHED", outcome.failure
     return outcome
 
