@@ -12,7 +12,9 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.layers import Stack
-from model.tokenizer import BOS, EOS
+from model.tokenizer import BOS, EOS, MASK, PAD
+
+NEVER_GENERATED = [PAD, BOS, MASK]
 
 StepFn = Callable[[torch.Tensor], torch.Tensor]  # prefixes (K, t) -> next-token log-probs (K, V)
 
@@ -46,8 +48,9 @@ class CaptionDecoder(nn.Module):
             k = prefixes.shape[0]
             mem = memory.expand(k, -1, -1) if memory.shape[0] == 1 else memory
             mem_mask = memory_mask.expand(k, -1) if memory_mask.shape[0] == 1 else memory_mask
-            logits = self(prefixes, torch.ones_like(prefixes, dtype=torch.bool), mem, mem_mask)[:, -1]
-            return F.log_softmax(logits.float(), dim=-1)
+            logits = self(prefixes, torch.ones_like(prefixes, dtype=torch.bool), mem, mem_mask)[:, -1].float()
+            logits[:, NEVER_GENERATED] = float("-inf")  # padding, <bos>, <mask> are not words to emit
+            return F.log_softmax(logits, dim=-1)
         return step
 
     @torch.no_grad()

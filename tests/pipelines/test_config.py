@@ -31,8 +31,9 @@ def test_shipped_configs_load(name):
 def test_demo_values_and_defaults():
     cfg = load_config(DEMO_CONFIG)
     assert cfg.ingest.source == "demo"
-    assert cfg.ingest.demo.num_samples == 6000
-    assert cfg.shard.splits == {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert cfg.ingest.demo.num_samples == 16000
+    assert cfg.shard.splits == {"train": 0.92, "val": 0.03, "test": 0.05}
+    assert (cfg.train.workers, cfg.train.zero_stage, cfg.train.precision, cfg.train.model.size) == (2, 2, "bf16", "small")
     assert cfg.ray.local_num_cpus == 4
 
 
