@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.config import model_config  # noqa: E402
 from model.flops import training_flops  # noqa: E402
 from model.multimodal import CrossModalModel, parameter_counts  # noqa: E402
+from model.synthetic import synthetic_batch as model_synthetic_batch  # noqa: E402
 from model.objectives import MultiTaskObjective  # noqa: E402
 
 OPEN_CLIP_B16_H100_TFLOPS = 214.0
@@ -31,22 +32,7 @@ DEFAULT_BATCH = {"cpu": {"tiny": 32, "small": 16, "base": 2}, "cuda": {"tiny": 2
 
 
 def synthetic_batch(cfg, batch: int, device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    text_len = cfg.max_text_len // 2
-    ids = torch.randint(4, cfg.vocab_size, (batch, text_len), generator=g)
-    ids[:, 0], ids[:, -1] = 1, 2
-    short = torch.randint(4, cfg.vocab_size, (batch, 8), generator=g)
-    short[:, 0], short[:, -1] = 1, 2
-    data = {
-        "text_ids": ids, "text_mask": torch.ones_like(ids, dtype=torch.bool),
-        "question_ids": short, "question_mask": torch.ones_like(short, dtype=torch.bool),
-        "answer_ids": short[:, :4], "answer_mask": torch.ones(batch, 4, dtype=torch.bool),
-        "answer_label": torch.randint(0, cfg.num_answers, (batch,), generator=g),
-        "image": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g),
-        "audio": 0.1 * torch.randn(batch, cfg.audio_samples, generator=g),
-        "audio_mask": torch.ones(batch, cfg.audio_samples, dtype=torch.bool),
-    }
-    return {k: v.to(device) for k, v in data.items()}
+    return model_synthetic_batch(cfg, batch, text_len=cfg.max_text_len // 2, question_len=8, device=device)
 
 
 def matmul_flops_per_s(device, dtype, n: int) -> float:

@@ -30,11 +30,9 @@ OPEN_CLIP_B16_H100_TFLOPS = 214.0
 
 def synthetic(cfg, batch, device):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from model_step import synthetic_batch
+    from model_step import synthetic_batch  # the same batch model_step.py times
 
-    data = synthetic_batch(cfg, batch, device)
-    data["weight"] = torch.ones(batch, device=device)
-    return data
+    return synthetic_batch(cfg, batch, device)
 
 
 def timed(step, steps: int, device) -> list[float]:

@@ -83,8 +83,8 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
                 continue  # resuming: this part of the epoch was trained on before the checkpoint
             loss, parts = engine(cast_batch(batch, dtype), generator)
             engine.backward(loss)
-            spent = agreed_max(elapsed())
-            budget.fraction = spent / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
+            if cfg.max_minutes:  # one scalar all-reduce per step, only when there is a budget
+                budget.fraction = agreed_max(elapsed()) / (cfg.max_minutes * 60)
             engine.step()
             progress.batch_in_epoch = index + 1
             progress.samples += batch["weight"].shape[0] * world

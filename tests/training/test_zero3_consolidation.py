@@ -17,14 +17,14 @@ def worker(rank: int, folder: str, port: int) -> None:
     from model.multimodal import CrossModalModel
     from pipelines.training.config import TrainConfig
     from pipelines.training.engine import import_deepspeed, initialize
-    from tests.training.batches import synthetic_model_batch
+    from model.synthetic import synthetic_batch
 
     import_deepspeed().init_distributed(dist_backend="gloo")
     cfg = TrainConfig(zero_stage=3, precision="fp32", micro_batch=4, lr=1e-3, warmup_steps=0)
     torch.manual_seed(0)
     model_cfg = model_config("tiny")
     engine, _ = initialize(CrossModalModel(model_cfg), cfg, world_size=2)
-    batch = synthetic_model_batch(model_cfg, 4, seed=rank)
+    batch = synthetic_batch(model_cfg, 4, seed=rank)
     for _ in range(2):
         loss, _ = engine(batch)
         engine.backward(loss)
@@ -32,7 +32,7 @@ def worker(rank: int, folder: str, port: int) -> None:
     engine.save_checkpoint(folder, tag="step2")
     engine.eval()
     with torch.no_grad():  # the live engine's outputs (ZeRO-3 gathers each module's weights on use)
-        probe = synthetic_model_batch(model_cfg, 3, seed=99)
+        probe = synthetic_batch(model_cfg, 3, seed=99)
         outputs = engine.module.model(probe)
     if rank == 0:
         torch.save({k: v.clone() for k, v in outputs.items()}, Path(folder) / "live_outputs.pt")
@@ -41,7 +41,8 @@ def worker(rank: int, folder: str, port: int) -> None:
 def test_zero3_checkpoint_consolidates_to_the_live_model(tmp_path):
     from model.multimodal import CrossModalModel
     from pipelines.training.engine import consolidate
-    from tests.training.batches import free_port, synthetic_model_batch
+    from tests.conftest import free_port
+    from model.synthetic import synthetic_batch
 
     mp.spawn(worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     state = consolidate(tmp_path, zero_stage=3)
@@ -51,7 +52,7 @@ def test_zero3_checkpoint_consolidates_to_the_live_model(tmp_path):
     model.eval()
     live = torch.load(tmp_path / "live_outputs.pt")
     with torch.no_grad():
-        again = model(synthetic_model_batch(model_config("tiny"), 3, seed=99))
+        again = model(synthetic_batch(model_config("tiny"), 3, seed=99))
     assert live.keys() == again.keys()
     for key in live:
         assert torch.allclose(live[key], again[key], atol=1e-5), key
