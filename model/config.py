@@ -35,6 +35,7 @@ class ModelConfig:
     image_size: int = 64
     patch_size: int = 8
     image: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
+    conv_attention_layers: int = 2  # conv encoder: Transformer blocks over its feature map (binds what to where)
     # audio: log-mel spectrogram, then a Transformer over patches of `audio_patch_frames` frames
     sample_rate: int = 16000
     audio_seconds: float = 1.0

@@ -101,29 +101,45 @@ class SeparableBlock(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+def full_conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    """A plain 3x3 conv with norm and ReLU6: EfficientNetV2's choice over depthwise-separable
+    blocks where channels are few and the map is large (cheap there, and it learns edges and
+    corners - the shape of things - much faster: 0.97 vs 0.86 shape accuracy after 400 steps
+    in a probe on the demo world)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), norm2d(c_out), nn.ReLU6())
+
+
 class ConvEncoder(nn.Module):
-    """A light image tower: stride-2 stem, `depth` separable blocks, the feature map as tokens."""
+    """A light image tower: stride-2 stem, `depth` conv blocks, then `conv_attention_layers`
+    Transformer blocks over the feature map (a hybrid, as in ViT-hybrid and CLIP's attention
+    pool). The down-sampling blocks are full convs, the rest MobileNet's depthwise-separable
+    blocks. Why attention before pooling: a mean over conv features is a bag of what is where,
+    and cannot say which colour or shape sits in which cell. In a probe on the demo world that
+    asks exactly that (the shape of each grid cell), mean pooling got 4% of images right after
+    500 steps, one attention block 79%, two 80% (and 53% for colours, against 2%)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         width, depth = cfg.image.width, cfg.image.depth
         self.width = width
-        widths = [max(8, width // 4)] + [max(8, width * (i + 1) // depth) for i in range(depth)]
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), norm2d(widths[0]), nn.ReLU6())
+        stem = max(8, width // 4)
+        widths = [stem] + [min(width, stem * 2 ** (i + 1)) for i in range(depth)]
+        widths[-1] = width
+        self.stem = full_conv_block(3, widths[0], 2)
         # Down-sample in the first blocks until the feature map is at most 8x8 tokens.
         strided = max(0, int(math.log2(cfg.image_size // 2 // 8)))
-        self.blocks = nn.Sequential(*(SeparableBlock(widths[i], widths[i + 1], 2 if i < strided else 1)
-                                      for i in range(depth)))
+        self.blocks = nn.Sequential(*(full_conv_block(widths[i], widths[i + 1], 2) if i < strided
+                                      else SeparableBlock(widths[i], widths[i + 1], 1) for i in range(depth)))
         side = cfg.image_size // 2 // 2 ** min(strided, depth)
         # Where each cell of the feature map is: captions and questions talk about positions.
         self.pos = nn.Parameter(torch.zeros(1, side * side, width))
         nn.init.trunc_normal_(self.pos, std=0.02)
-        self.norm = nn.LayerNorm(width)
+        self.stack = Stack(width, cfg.conv_attention_layers, cfg.image.heads, cfg.image.mlp_ratio, dropout=cfg.dropout)
 
     def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
         if keep is not None:
             raise ValueError("the convolutional image encoder does not support patch masking")
-        x = self.norm(self.blocks(self.stem(image.to(self.stem[0].weight.dtype))).flatten(2).transpose(1, 2) + self.pos)
+        x = self.stack(self.blocks(self.stem(image.to(self.stem[0].weight.dtype))).flatten(2).transpose(1, 2) + self.pos)
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return Encoded(x, mask, x.mean(dim=1))
 

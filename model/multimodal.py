@@ -5,6 +5,7 @@ sample (`has_<modality>` False):
 
     text_ids, text_mask       (B, L) long / bool    caption or transcript (maybe augmented)
     caption_ids, caption_mask                       the clean caption, target of captioning
+    negative_ids, negative_mask                     hard negative caption (training; no <bos> = none)
     question_ids, question_mask                     VQA question (read by the text encoder)
     answer_ids, answer_mask                         free-form answer (decoder target)
     answer_label              (B,) long, -100 = none   VQA class

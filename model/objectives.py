@@ -8,6 +8,7 @@ total = sum over tasks of task weight * task loss.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,21 +33,34 @@ class LossWeights:
     vqa: float = 1.0  # answer class from question + image/audio
     text_mask_ratio: float = 0.15
     patch_mask_ratio: float = 0.6
+    # Each hard negative caption counts as this many negatives in the softmax (HN-NCE,
+    # Radenovic et al. 2023): once the easy in-batch negatives are solved, the hard ones still
+    # carry weight.
+    hard_negative_weight: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # -- contrastive -----------------------------------------------------------------------------
-def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP loss per row: matched rows are the positives, all others negatives."""
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, b_negatives: torch.Tensor | None = None,
+             negative_weight: float = 1.0) -> torch.Tensor:
+    """Symmetric CLIP loss per row: matched rows are the positives, all others negatives.
+    `b_negatives` are extra candidates of b's modality for the a->b direction only (hard
+    negative captions: they have no partner to be retrieved by), each counted `negative_weight`
+    times (a log-weight on its logit)."""
     logits = (scale * a @ b.T).float()  # losses in float32 whatever the weights' dtype
     target = torch.arange(a.shape[0], device=a.device)
-    return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+    if b_negatives is not None:
+        hard = (scale * a @ b_negatives.T).float() + math.log(negative_weight)
+    a_to_b = logits if b_negatives is None else torch.cat([logits, hard], dim=1)
+    return (F.cross_entropy(a_to_b, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
 
 
-def contrastive(model, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> TaskLoss:
-    """Mean InfoNCE over every pair of modalities, on the samples that have both."""
+def contrastive(model, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                text_negatives: torch.Tensor | None = None, negative_weight: float = 1.0) -> TaskLoss:
+    """Mean InfoNCE over every pair of modalities, on the samples that have both. Hard negative
+    captions (`text_negatives`, embedded) join the texts every image and audio is scored against."""
     size = next(iter(embeddings.values())).shape[0]
     device = next(iter(embeddings.values())).device
     total, count = torch.zeros(size, device=device), torch.zeros(size, device=device)
@@ -55,9 +69,24 @@ def contrastive(model, embeddings: dict[str, torch.Tensor], present: dict[str, t
         rows = (present[m1] & present[m2]).nonzero().squeeze(1)
         if rows.numel() < 2:
             continue
-        total = total.index_add(0, rows, info_nce(embeddings[m1][rows], embeddings[m2][rows], scale))
+        if "text" in (m1, m2):  # text as b, so the negatives are candidates for the other modality
+            other = m2 if m1 == "text" else m1
+            loss = info_nce(embeddings[other][rows], embeddings["text"][rows], scale, text_negatives, negative_weight)
+        else:
+            loss = info_nce(embeddings[m1][rows], embeddings[m2][rows], scale)
+        total = total.index_add(0, rows, loss)
         count = count.index_add(0, rows, torch.ones_like(rows, dtype=count.dtype))
     return total / count.clamp(min=1), count > 0
+
+
+def embed_negatives(model, batch: dict) -> torch.Tensor | None:
+    """Embeddings of the batch's hard negative captions (rows without one are skipped)."""
+    if "negative_ids" not in batch:
+        return None
+    rows = batch["negative_mask"][:, 0].nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    return model.embed({"text": model.encode_text(batch["negative_ids"][rows], batch["negative_mask"][rows])})["text"]
 
 
 # -- fused tasks -----------------------------------------------------------------------------
@@ -222,7 +251,8 @@ class MultiTaskObjective:
         embeddings = model.embed(encoded)
         tasks: dict[str, TaskLoss] = {}
         if w.contrastive:
-            tasks["contrastive"] = contrastive(model, embeddings, present)
+            negatives = embed_negatives(model, batch) if "text" in encoded else None
+            tasks["contrastive"] = contrastive(model, embeddings, present, negatives, w.hard_negative_weight)
         if w.matching and "text" in encoded:
             tasks["matching"] = matching(model, encoded, embeddings, present, context_present, generator)
         if w.masked_text and "text" in encoded:

@@ -22,8 +22,11 @@ def trim(ids: torch.Tensor) -> torch.Tensor:
 
 def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     out = {}
-    for name in ("text", "caption", "question", "answer"):
-        ids = trim(batch[f"{name}_ids"].long())
+    for name in ("text", "caption", "question", "answer", "negative"):
+        if f"{name}_ids" not in batch:  # negatives: training batches only
+            continue
+        ids = batch[f"{name}_ids"].long()
+        ids = trim(ids.flatten(0, 1) if ids.dim() == 3 else ids)  # negatives: (rows, count, tokens)
         out[f"{name}_ids"], out[f"{name}_mask"] = ids, ids != PAD
     out["answer_label"] = batch["answer_label"].long()
     out["image"] = (batch["image"].permute(0, 3, 1, 2).float() / 255.0 - IMAGE_MEAN) / IMAGE_STD

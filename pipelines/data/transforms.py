@@ -12,12 +12,16 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipelines.data.augment import AugmentConfig, augment_audio, augment_image, augment_text, sample_seed
+from pipelines.data.augment import (AugmentConfig, augment_audio, augment_image, augment_text, negative_captions,
+                                    sample_seed)
 from pipelines.data.balance import copies
 from pipelines.data.decode import DecodeSettings, Unusable, decode_audio, decode_image, decode_meta, decode_text
 
-TEXT_FIELDS = ("key", "source", "split", "reason", "member", "detail", "combo", "text", "caption", "question", "answer", "label")
 ANSWER_TOKENS = 8
+
+
+# Joins a sample's negative captions in one string column (Arrow-friendly); never in text.
+NEGATIVE_SEPARATOR = "\x1f"
 
 
 def resolve_epoch(epoch) -> int:
@@ -86,12 +90,16 @@ def keep_usable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, epoch, sample_rate: int) -> dict[str, np.ndarray]:
     epoch = resolve_epoch(epoch)
     batch = {name: values.copy() for name, values in batch.items()}
+    batch["negative"] = np.full(len(batch["key"]), "", dtype=object)
     for i, key in enumerate(batch["key"]):
         if batch["has_image"][i]:
             batch["image"][i] = augment_image(batch["image"][i], batch["caption"][i], cfg.image,
                                               sample_seed(seed, epoch, key, "image"))
         if batch["has_text"][i]:
             batch["text"][i] = augment_text(batch["text"][i], cfg.text, sample_seed(seed, epoch, key, "text"))
+            # From the text the encoder reads, so the pair differs in the swapped word only.
+            batch["negative"][i] = NEGATIVE_SEPARATOR.join(
+                negative_captions(batch["text"][i], cfg.negatives, sample_seed(seed, epoch, key, "negative")))
         if batch["has_audio"][i]:
             batch["audio"][i], batch["audio_len"][i] = augment_audio(
                 batch["audio"][i], int(batch["audio_len"][i]), cfg.audio, sample_rate, sample_seed(seed, epoch, key, "audio"))
@@ -129,7 +137,7 @@ def tensor_batch(batch: dict[str, np.ndarray], tokenizer_json: str, answers: tup
     tokenizer = cached_tokenizer(tokenizer_json)
     index = {answer: i for i, answer in enumerate(answers)}
     asked = np.array([bool(q) and a in index for q, a in zip(batch["question"], batch["answer"])], dtype=bool)
-    return {
+    tensors = {
         "text_ids": token_matrix(tokenizer, batch["text"], max_text_len, batch["has_text"]),
         "caption_ids": token_matrix(tokenizer, batch["caption"], max_text_len, batch["has_text"]),
         "question_ids": token_matrix(tokenizer, batch["question"], max_text_len, asked),
@@ -144,3 +152,10 @@ def tensor_batch(batch: dict[str, np.ndarray], tokenizer_json: str, answers: tup
         "weight": batch.get("weight", np.ones(len(batch["key"]), dtype=np.float32)),
         "sample_id": np.array([sample_seed(0, 0, k, "id") for k in batch["key"]], dtype=np.int64),
     }
+    if "negative" in batch:  # training batches only (see augment_batch): (rows, count, tokens)
+        count = max([1] + [len(n.split(NEGATIVE_SEPARATOR)) for n in batch["negative"] if n])
+        texts = [(n.split(NEGATIVE_SEPARATOR) if n else []) + [""] * count for n in batch["negative"]]
+        flat = [t for row in texts for t in row[:count]]
+        ids = token_matrix(tokenizer, flat, max_text_len, [bool(t) for t in flat])
+        tensors["negative_ids"] = ids.reshape(len(batch["negative"]), count, max_text_len)
+    return tensors

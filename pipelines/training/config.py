@@ -32,6 +32,7 @@ class Losses(Strict):
     vqa: float = Field(1.0, ge=0)
     text_mask_ratio: float = Field(0.15, gt=0, lt=1)
     patch_mask_ratio: float = Field(0.6, gt=0, lt=1)
+    hard_negative_weight: float = Field(1.0, ge=1, description="each hard negative caption counts as this many negatives")
 
     def weights(self) -> LossWeights:
         return LossWeights(**self.model_dump())

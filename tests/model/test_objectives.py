@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -54,3 +56,33 @@ def test_info_nce_is_zero_only_for_perfect_separation():
     eye = torch.eye(4)
     assert info_nce(eye, eye, torch.tensor(100.0)).max() < 1e-6
     assert info_nce(eye, eye.roll(1, dims=0), torch.tensor(100.0)).min() > 10
+
+
+def test_hard_negative_texts_are_extra_candidates_for_the_other_modality_only():
+    eye, scale = torch.eye(4), torch.tensor(100.0)
+    # A negative caption identical to sample 0's text: image 0 now has two equally good texts,
+    # so its image->text term is log 2 and, averaged with the untouched text->image term, log 2 / 2.
+    loss = info_nce(eye, eye, scale, b_negatives=eye[:1])
+    assert float(loss[0]) == pytest.approx(math.log(2) / 2, abs=1e-5)
+    assert loss[1:].max() < 1e-6
+    assert info_nce(eye, eye, scale, b_negatives=-eye[:1]).max() < 1e-6  # an unlike negative costs nothing
+
+
+def test_objective_scores_images_against_the_negative_captions(tiny_cfg, demo_batch):
+    model = CrossModalModel(tiny_cfg).eval()
+    weights = LossWeights(**{name: float(name == "contrastive") for name in LossWeights().to_dict() if not name.endswith(("ratio", "weight"))})
+    _, plain = MultiTaskObjective(weights)(model, demo_batch)
+    # Each sample's own caption as its "negative": the hardest negative there is.
+    with_negatives = dict(demo_batch, negative_ids=demo_batch["text_ids"], negative_mask=demo_batch["text_mask"])
+    _, hard = MultiTaskObjective(weights)(model, with_negatives)
+    none_given = dict(with_negatives, negative_mask=torch.zeros_like(demo_batch["text_mask"]))
+    _, skipped = MultiTaskObjective(weights)(model, none_given)
+    assert hard["contrastive"] > plain["contrastive"] + 0.1
+    assert skipped["contrastive"] == pytest.approx(plain["contrastive"])
+
+
+def test_a_weighted_hard_negative_counts_as_that_many_negatives():
+    eye, scale = torch.eye(4), torch.tensor(100.0)
+    # Weight 3: image 0 sees its positive and three copies of an equally good negative -> log 4.
+    loss = info_nce(eye, eye, scale, b_negatives=eye[:1], negative_weight=3.0)
+    assert float(loss[0]) == pytest.approx(math.log(4) / 2, abs=1e-5)
