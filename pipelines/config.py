@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from pipelines.configbase import Strict
+from pipelines.stages.evaluate import EvaluateConfig
 from pipelines.stages.ingest import IngestConfig
 from pipelines.stages.prepare import PrepareConfig
 from pipelines.stages.shard import ShardConfig
@@ -54,6 +55,7 @@ class PipelineConfig(Strict):
     shard: ShardConfig = ShardConfig()
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def digest(self) -> str:
         """sha256 of the resolved config, stable across key order and formatting."""

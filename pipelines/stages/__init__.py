@@ -5,6 +5,7 @@ same way: a module with a typed config and a function, and one `Stage(...)` line
 """
 
 from pipelines.dag import Stage
+from pipelines.stages.evaluate import evaluate
 from pipelines.stages.ingest import ingest, source_fingerprint
 from pipelines.stages.prepare import prepare
 from pipelines.stages.shard import shard
@@ -19,7 +20,12 @@ STAGES: list[Stage] = [
                 "pipelines.data.decode", "pipelines.data.transforms", "pipelines.data.wds_reader", "model.tokenizer")),
     Stage("train", train, section="train", needs=("prepare",),
           code=("pipelines.training.config", "pipelines.training.engine", "pipelines.training.loop",
-                "pipelines.training.ray_worker", "pipelines.training.evaluation", "pipelines.data.collate",
+                "pipelines.training.ray_worker", "pipelines.training.evaluation", "pipelines.evaluation.metrics",
+                "pipelines.data.collate",
                 "model.multimodal", "model.encoders", "model.fusion", "model.decoder", "model.heads",
                 "model.objectives", "model.layers", "model.config")),
+    Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train"),
+          code=("pipelines.evaluation.collect", "pipelines.evaluation.metrics", "pipelines.evaluation.plots",
+                "pipelines.evaluation.report", "pipelines.apps.predict", "pipelines.apps.safety", "pipelines.apps.resolve",
+                "pipelines.data.collate", "model.multimodal", "model.decoder", "model.io")),
 ]

@@ -8,16 +8,13 @@ candidates every sample that has the target modality, the answer the query's own
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from model.config import MODALITIES
 from model.objectives import generation
-
-KS = (1, 5, 10)
+from pipelines.evaluation.metrics import all_directions, recall_summary
 
 
 @torch.no_grad()
@@ -63,28 +60,12 @@ def gather(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name in set().union(*(part.keys() for part in everything))}
 
 
-def retrieval(queries: torch.Tensor, candidates: torch.Tensor, has_query: torch.Tensor, has_candidate: torch.Tensor) -> dict:
-    """recall@K and mean rank of each query's own sample among all candidates."""
-    candidate_rows = has_candidate.nonzero().squeeze(1)
-    query_rows = (has_query & has_candidate).nonzero().squeeze(1)
-    if len(query_rows) == 0 or len(candidate_rows) < 2:
-        return {}
-    sims = F.normalize(queries[query_rows], dim=-1) @ F.normalize(candidates[candidate_rows], dim=-1).T
-    position = torch.searchsorted(candidate_rows, query_rows)  # each query's own column
-    own = sims.gather(1, position[:, None])
-    rank = (sims > own).sum(dim=1)  # 0 = first
-    out = {f"r{k}": float((rank < k).float().mean()) for k in KS}
-    out |= {"mean_rank": float(rank.float().mean() + 1), "candidates": len(candidate_rows), "queries": len(query_rows)}
-    return out
-
-
 def summarize(results: dict[str, torch.Tensor]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     present = [m for m in MODALITIES if f"{m}_embedding" in results]
-    for source, target in itertools.permutations(present, 2):
-        scores = retrieval(results[f"{source}_embedding"], results[f"{target}_embedding"],
-                           results[f"has_{source}"], results[f"has_{target}"])
-        metrics |= {f"{source}_to_{target}.{name}": value for name, value in scores.items()}
+    embeddings = {m: results[f"{m}_embedding"] for m in present}
+    for direction, (ranks, candidates) in all_directions(embeddings, {m: results[f"has_{m}"] for m in present}).items():
+        metrics |= {f"{direction}.{name}": value for name, value in recall_summary(ranks, candidates).items()}
     if "vqa_asked" in results and results["vqa_asked"].any():
         asked = results["vqa_asked"]
         metrics["vqa_accuracy"] = float(results["vqa_correct"][asked].float().mean())

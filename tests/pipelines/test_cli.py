@@ -45,7 +45,7 @@ def test_run_ingest_shard_then_rerun_reuses_both(tmp_path):
     assert status.stdout.splitlines()[1].endswith("ingest: reused, shard: reused")
     stages = crossmodal("stages", str(DEMO_CONFIG), *with_overrides(tmp_path), tmp_path=tmp_path)
     lines = stages.stdout.splitlines()[1:]
-    assert [line.split()[0] for line in lines] == ["ingest", "shard", "prepare", "train"]
+    assert [line.split()[0] for line in lines] == ["ingest", "shard", "prepare", "train", "evaluate"]
     assert ["finished (run" in line for line in lines] == [True, True, False, False] and lines[2].endswith("to run")
 
 
@@ -66,4 +66,4 @@ def test_config_mistake_exits_2_before_anything_runs(tmp_path):
     assert not (tmp_path / "runs").exists()
     unknown = crossmodal("run", str(DEMO_CONFIG), "--only", "ingest,trian", tmp_path=tmp_path)
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train)"
+    assert unknown.stderr.strip() == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train, evaluate)"

@@ -87,6 +87,43 @@ def test_zero2_bf16_learns_and_logs_one_stage_run(demo_root):
     assert all(torch.isfinite(p).all() for p in saved.model.parameters())
 
 
+def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_root):
+    outcome, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20")  # train reused
+    [evaluate_run] = stage_runs(client, outcome, "evaluate")
+    metrics = evaluate_run.data.metrics
+    directions = [f"{a}_to_{b}" for a in ("text", "image", "audio") for b in ("text", "image", "audio") if a != b]
+    for direction in directions:
+        r1, r5, r10 = (metrics[f"retrieval.{direction}.r{k}"] for k in (1, 5, 10))
+        assert 0 <= r1 <= r5 <= r10 <= 1 and metrics[f"retrieval.{direction}.mean_rank"] >= 1
+    samples = int(metrics["samples"])
+    assert 50 <= samples and 0 < metrics["retrieval.text_to_image.candidates"] <= samples
+    for context in ("image", "audio", "image+audio"):
+        assert 0 <= metrics[f"caption.{context}.bleu4"] <= 1 and metrics[f"caption.{context}.cider"] >= 0
+        assert 0 <= metrics[f"vqa.{context}.exact"] <= 1 and metrics[f"vqa.{context}.questions"] > 0
+    for removed in ("image", "audio"):
+        assert f"robustness.caption.without_{removed}.cider" in metrics and f"robustness.vqa.without_{removed}.exact" in metrics
+    assert metrics["safety.captions.checked"] >= samples and metrics["safety.captions.blocked"] == 0
+    artifacts = {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "plots")}
+    assert artifacts == {"plots/similarity.png", "plots/recall_at_k.png", "plots/examples.png"}
+    for path in artifacts:
+        assert open(client.download_artifacts(evaluate_run.info.run_id, path), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = json.load(open(client.download_artifacts(evaluate_run.info.run_id, "tables/examples.json")))
+    assert {"reference_caption", "caption_from_image", "question", "reference_answer", "answer_from_image+audio"} <= set(table["columns"])
+
+    # Any saved model folder, here the train stage's, gives the same scores; a filter rule that
+    # hits every caption is counted and shows in the table.
+    model = outcome.by_name()["train"].output_uri + "/model"
+    again, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20", f"evaluate.model={model}",
+                        "evaluate.safety.rules=['[a-z]']")
+    [rerun] = stage_runs(client, again, "evaluate")
+    for direction in directions:
+        assert rerun.data.metrics[f"retrieval.{direction}.r1"] == metrics[f"retrieval.{direction}.r1"]
+    assert rerun.data.metrics["safety.captions.blocked"] > 0
+    table = json.load(open(client.download_artifacts(rerun.info.run_id, "tables/examples.json")))
+    column = table["columns"].index("caption_from_image")
+    assert "[withheld by the content filter]" in [row[column] for row in table["data"]]
+
+
 def test_a_rerun_of_the_pipeline_continues_from_the_latest_checkpoint(demo_root):
     """What a driver that died mid-training leaves: the same train identity, so the same Ray Train
     run name, whose checkpoints Ray restores. Forced here after the first test's run ended at
@@ -103,7 +140,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
     """Rank 1 is SIGKILLed at step 13; Ray Train replaces the group and training continues from
     the latest checkpoint (step 10 or 5), not from zero; the stage finishes with loadable weights."""
     outcome, client = run(demo_root, "train.max_steps=20", "train.checkpoint_every=5", "train.max_failures=1",
-                          "train.fault.rank=1", "train.fault.step=13", "train.val_every=100")
+                          "train.fault.rank=1", "train.fault.step=13", "train.val_every=100", only=["train"])
     [train_run] = stage_runs(client, outcome, "train")
     run_id = train_run.info.run_id
     starts = [int(value) for _, value in history(client, run_id, "resumed_from_step")]

@@ -1,0 +1,1 @@
+"""The evaluate stage's metrics, collection and plots."""

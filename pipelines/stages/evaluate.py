@@ -1,0 +1,97 @@
+"""Evaluate: retrieval in every direction, captioning, VQA, missing-modality robustness and the
+content filter's counts, on one split, as MLflow metrics, plots and a table of examples.
+
+It scores the train stage's model by default, or any model `evaluate.model` names (a folder,
+runs:/<id>/model, models:/<name>@<alias>), so compression stages compare teacher, student,
+pruned and quantized models on the same split with the same code. Metric names are listed
+in pipelines/evaluation/report.py.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from pipelines.apps.resolve import load_model
+from pipelines.apps.safety import SafetyConfig, SafetyFilter
+from pipelines.configbase import Strict
+from pipelines.dag import StageContext, StageError, StageResult
+from pipelines.data.collate import to_model_batch
+from pipelines.data.dataset import DatasetSpec, build_dataset, limit_data_cpus
+from pipelines.evaluation.collect import collect
+from pipelines.evaluation.plots import example_grid, recall_curves, similarity_heatmap
+from pipelines.evaluation.report import evaluation_metrics, example_table
+from pipelines.storage import Storage
+
+HEADLINE = ("retrieval.text_to_image.r1", "retrieval.image_to_text.r1", "retrieval.audio_to_text.r1",
+            "caption.image.bleu4", "caption.image.cider", "caption.audio.cider", "vqa.image+audio.exact",
+            "robustness.vqa.without_image.exact", "safety.captions.blocked")
+
+
+class EvaluateConfig(Strict):
+    model: str | None = Field(None, description="null: the train stage's model; else a folder, runs:/<id>/model or models:/<name>@<alias>")
+    split: str = Field("test", min_length=1)
+    batch_size: int = Field(64, ge=1)
+    beam_size: int = Field(1, ge=1, le=16, description="beam width for captions (1 = greedy)")
+    max_caption_tokens: int = Field(32, ge=4, le=256)
+    max_samples: int | None = Field(None, ge=1, description="evaluate the first N samples of the split only")
+    table_rows: int = Field(200, ge=0, description="samples in the examples table")
+    # The content filter generated text passes; the CLI applications read it from here too.
+    safety: SafetyConfig = SafetyConfig()
+
+
+def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
+    spec = DatasetSpec(**Storage(ctx.inputs["prepare"].outputs["spec"]).read_json())
+    if cfg.split not in spec.shards:
+        raise StageError(f"evaluate.split: no {cfg.split!r} split in the prepared data (splits: {', '.join(spec.shards)})")
+    ref = cfg.model or ctx.inputs["train"].outputs["model"]
+    saved = load_stage_model(ref, ctx.tracking_uri)
+    limit_data_cpus(spec.data_cpus)
+    safety = SafetyFilter(cfg.safety)
+    batches = split_batches(spec, cfg.split, cfg.batch_size, cfg.max_samples)
+    collected = collect(saved.model, saved.tokenizer, saved.answers or spec.answers, batches, safety,
+                        cfg.beam_size, cfg.max_caption_tokens, keep_media=cfg.max_samples or 100_000)
+    metrics = evaluation_metrics(collected)
+    print(f"evaluate: {ref} on {cfg.split} ({metrics['samples']} samples): "
+          + ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics))
+    artifacts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plots = [similarity_heatmap(collected, folder / "similarity.png"), recall_curves(collected, folder / "recall_at_k.png"),
+                 example_grid(collected, folder / "examples.png", saved.model.cfg.sample_rate)]
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for path in [*plots, folder / "metrics.json"]:
+            ctx.output.write_bytes(path.read_bytes(), path.name)
+            artifacts[f"plots/{path.name}" if path.suffix == ".png" else path.name] = ctx.output.child(path.name).uri
+    return StageResult(outputs={"metrics": artifacts["metrics.json"], "model": str(ref)}, metrics=metrics,
+                       summary={k: metrics[k] for k in HEADLINE if k in metrics},
+                       tables={"examples": example_table(collected, cfg.table_rows)}, artifacts=artifacts)
+
+
+def load_stage_model(ref: str, tracking_uri: str):
+    """A model folder in the storage root (any filesystem) or an MLflow reference, loaded on CPU."""
+    if "://" in ref and not ref.startswith(("runs:/", "models:/", "file://")):
+        store, local = Storage(ref), Path(tempfile.mkdtemp(prefix="crossmodal-model-"))
+        for name in ("model.safetensors", "config.json", "tokenizer.json"):
+            (local / name).write_bytes(store.child(name).read_bytes())
+        ref = str(local)
+    elif ref.startswith("file://"):
+        ref = Storage(ref).path()
+    saved, _ = load_model(ref, tracking_uri)
+    return saved
+
+
+def split_batches(spec: DatasetSpec, split: str, batch_size: int, max_samples: int | None):
+    seen = 0
+    for raw in build_dataset(spec, split).iter_torch_batches(batch_size=batch_size):
+        if max_samples is not None:
+            if seen >= max_samples:
+                return
+            raw = {k: v[: max_samples - seen] for k, v in raw.items()}
+        seen += len(raw["weight"])
+        with torch.no_grad():
+            yield to_model_batch(raw), raw
