@@ -1,4 +1,5 @@
-"""The `crossmodal` command: run a pipeline, show its DAG, show recent runs.
+"""The `crossmodal` command: run a pipeline, show its DAG and recent runs, and the applications
+on a trained model (index, search, caption, answer).
 
 Exit codes: 0 done, 1 a stage failed, 2 a mistake in the config or the command line.
 """
@@ -9,6 +10,7 @@ import argparse
 import sys
 
 from pipelines import env
+from pipelines.apps import cli as apps_cli
 
 USAGE_ERROR, STAGE_FAILED = 2, 1
 
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", help="read the MLflow location from this config")
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./runs)")
     status.add_argument("-n", "--limit", type=int, default=10)
+    apps_cli.add_commands(sub)
     return parser
 
 
@@ -42,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     env.configure()
     args = build_parser().parse_args(argv)
     # Imported here so `crossmodal --help` answers without importing Ray and MLflow.
+    from pipelines.apps.api import InputError
+    from pipelines.apps.resolve import ModelNotFound
     from pipelines.config import ConfigError
     from pipelines.dag import PlanError
 
     try:
+        if args.command in apps_cli.COMMANDS:
+            return apps_cli.run(args)
         return {"run": command_run, "stages": command_stages, "status": command_status}[args.command](args)
-    except (ConfigError, PlanError) as err:
+    except (ConfigError, PlanError, InputError, ModelNotFound) as err:
         print(f"crossmodal: error: {err}", file=sys.stderr)
         return USAGE_ERROR
 
