@@ -58,7 +58,7 @@ def test_fused_tokens_and_generation_shapes(tiny_cfg, demo_batch, fusion):
 
 def test_convolutional_student_encoder(tiny_cfg, demo_batch):
     cfg = model_config("tiny", vocab_size=tiny_cfg.vocab_size, image_encoder="conv", image={"width": 64, "depth": 4, "heads": 2},
-                       conv_attention_layers=1)
+                       conv_attention_layers=0)
     model = CrossModalModel(cfg)
     assert model.image_reconstruction is None  # MAE needs patches: not for the CNN
     assert parameter_counts(model)["encoders"] < parameter_counts(CrossModalModel(tiny_cfg))["encoders"]
