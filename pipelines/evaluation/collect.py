@@ -18,7 +18,7 @@ from pipelines.apps import predict
 from pipelines.apps.safety import SafetyFilter
 
 # name -> the context modalities generation may use
-CONTEXTS = {"image+audio": ("image", "audio"), "image": ("image",), "audio": ("audio",)}
+CONTEXTS = {"image_audio": ("image", "audio"), "image": ("image",), "audio": ("audio",)}
 
 
 @dataclass

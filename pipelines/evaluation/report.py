@@ -2,7 +2,7 @@
 
 Metric names (MLflow keys):
     retrieval.<source>_to_<target>.{r1,r5,r10,mean_rank,candidates,queries}
-    caption.<context>.{bleu4,cider,samples}        context: image, audio, image+audio
+    caption.<context>.{bleu4,cider,samples}        context: image, audio, image_audio
     vqa.<context>.{exact,soft,questions}
     robustness.caption.without_<m>.{bleu4,cider}    drop when modality m is removed (positive = worse)
     robustness.vqa.without_<m>.exact
@@ -58,8 +58,8 @@ def evaluation_metrics(collected: Collected) -> dict[str, float]:
         metrics |= prefixed(f"vqa.{context}", vqa_scores(collected, context, question_rows(collected, context)))
     flags = modality_flags(collected)
     both = flags["image"] & flags["audio"]
-    full_caption = caption_scores(collected, "image+audio", caption_rows(collected, "image+audio", both))
-    full_vqa = vqa_scores(collected, "image+audio", question_rows(collected, "image+audio", both))
+    full_caption = caption_scores(collected, "image_audio", caption_rows(collected, "image_audio", both))
+    full_vqa = vqa_scores(collected, "image_audio", question_rows(collected, "image_audio", both))
     for removed, kept in (("image", "audio"), ("audio", "image")):
         alone = caption_scores(collected, kept, caption_rows(collected, kept, both))
         metrics |= {f"robustness.caption.without_{removed}.{k}": full_caption[k] - alone[k] for k in ("bleu4", "cider")}

@@ -28,7 +28,7 @@ from pipelines.evaluation.report import evaluation_metrics, example_table
 from pipelines.storage import Storage
 
 HEADLINE = ("retrieval.text_to_image.r1", "retrieval.image_to_text.r1", "retrieval.audio_to_text.r1",
-            "caption.image.bleu4", "caption.image.cider", "caption.audio.cider", "vqa.image+audio.exact",
+            "caption.image.bleu4", "caption.image.cider", "caption.audio.cider", "vqa.image_audio.exact",
             "robustness.vqa.without_image.exact", "safety.captions.blocked")
 
 

@@ -46,7 +46,7 @@ def test_run_ingest_shard_then_rerun_reuses_both(tmp_path):
     stages = crossmodal("stages", str(DEMO_CONFIG), *with_overrides(tmp_path), tmp_path=tmp_path)
     lines = stages.stdout.splitlines()[1:]
     assert [line.split()[0] for line in lines] == ["ingest", "shard", "prepare", "train", "evaluate"]
-    assert ["finished (run" in line for line in lines] == [True, True, False, False] and lines[2].endswith("to run")
+    assert ["finished (run" in line for line in lines] == [True, True, False, False, False] and lines[2].endswith("to run")
 
 
 def test_failing_stage_exits_nonzero_with_one_line(tmp_path):
