@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,10 @@ class CrossModal:
         saved, folder = load_model(ref, tracking_uri, device)
         return cls(saved, folder, SafetyFilter(safety or SafetyConfig()))
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Identifies the weights: an index records it, so a query embedded by another model is refused."""
+        """Identifies the weights (hashed once): an index records it, so a query embedded by
+        another model is refused."""
         digest = hashlib.sha256()
         with open(self.folder / "model.safetensors", "rb") as weights:
             for chunk in iter(lambda: weights.read(1 << 20), b""):

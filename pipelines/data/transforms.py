@@ -90,7 +90,9 @@ def keep_usable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, epoch, sample_rate: int) -> dict[str, np.ndarray]:
     epoch = resolve_epoch(epoch)
     batch = {name: values.copy() for name, values in batch.items()}
-    batch["negative"] = np.full(len(batch["key"]), "", dtype=object)
+    negatives = cfg.negatives.p > 0  # no column at all when off: nothing to tokenize or ship
+    if negatives:
+        batch["negative"] = np.full(len(batch["key"]), "", dtype=object)
     for i, key in enumerate(batch["key"]):
         if batch["has_image"][i]:
             batch["image"][i] = augment_image(batch["image"][i], batch["caption"][i], cfg.image,
@@ -98,8 +100,9 @@ def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, e
         if batch["has_text"][i]:
             batch["text"][i] = augment_text(batch["text"][i], cfg.text, sample_seed(seed, epoch, key, "text"))
             # From the text the encoder reads, so the pair differs in the swapped word only.
-            batch["negative"][i] = NEGATIVE_SEPARATOR.join(
-                negative_captions(batch["text"][i], cfg.negatives, sample_seed(seed, epoch, key, "negative")))
+            if negatives:
+                batch["negative"][i] = NEGATIVE_SEPARATOR.join(
+                    negative_captions(batch["text"][i], cfg.negatives, sample_seed(seed, epoch, key, "negative")))
         if batch["has_audio"][i]:
             batch["audio"][i], batch["audio_len"][i] = augment_audio(
                 batch["audio"][i], int(batch["audio_len"][i]), cfg.audio, sample_rate, sample_seed(seed, epoch, key, "audio"))
