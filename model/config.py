@@ -39,6 +39,10 @@ class ModelConfig:
     # where (see ConvEncoder). 0 in the registered sizes: in the 9-minute CPU demo two blocks
     # cost a fifth of the throughput and scored no better (test t2i 0.60 vs 0.64).
     conv_attention_layers: int = 0
+    # conv encoder: how its feature map becomes the pooled (embedding) vector. "mean" averages the
+    # cells, so it says what is there but not where (the position embedding adds a constant);
+    # "flatten" is a linear map of the whole map (VGG's head), so each cell keeps its place.
+    conv_pool: str = "mean"
     # audio: log-mel spectrogram, then a Transformer over patches of `audio_patch_frames` frames
     sample_rate: int = 16000
     audio_seconds: float = 1.0
@@ -62,6 +66,8 @@ class ModelConfig:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.image_encoder not in ("vit", "conv"):
             raise ValueError(f"image_encoder must be 'vit' or 'conv', got {self.image_encoder!r}")
+        if self.conv_pool not in ("mean", "flatten"):
+            raise ValueError(f"conv_pool must be 'mean' or 'flatten', got {self.conv_pool!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.fusion == "hierarchical" and not 0 < self.co_attention_layers <= self.fusion_tower.depth:

@@ -53,6 +53,14 @@ class CrossModalModel(nn.Module):
         self.audio_reconstruction = PatchReconstructionHead(cfg.audio.width, cfg.audio.heads, cfg.audio_patches,
                                                             self.encoders["audio"].patch_dim)
         init_weights(self)
+        # The fusion stream starts from these projections, so they get unit gain (LeCun normal),
+        # not the 0.02 of the other Linears: at 0.02 the encoders' signal entered the stream at a
+        # quarter of unit scale, the joint blocks' own outputs soon outgrew it, and a cue that
+        # was not already strong (a shape's kind) never reached the decoder or the VQA head:
+        # kinds were captioned at chance after 400 steps while a probe on the same encoder
+        # learnt them in 100. With unit gain the decoder learnt kinds from audio in 150 steps.
+        for projection in self.to_fusion.values():
+            nn.init.normal_(projection.weight, std=projection.in_features ** -0.5)
         self.decoder.tie_weights()
 
     # -- unimodal ------------------------------------------------------------------------------

@@ -66,6 +66,34 @@ def test_convolutional_student_encoder(tiny_cfg, demo_batch):
     assert "masked_image" not in parts and torch.isfinite(loss)
 
 
+def test_encoders_enter_the_fusion_stream_at_unit_scale():
+    """At 0.02 init the encoders' tokens entered the fusion stream at a quarter of unit scale and
+    the joint blocks drowned every cue that was not already strong (see CrossModalModel)."""
+    torch.manual_seed(0)
+    model = CrossModalModel(model_config("small", image_encoder="conv"))
+    tokens = torch.nn.functional.layer_norm(torch.randn(4, 32, 128), (128,))  # what an encoder emits
+    for modality, projection in model.to_fusion.items():
+        assert 0.8 < projection(tokens).std().item() < 1.25, modality
+
+
+@pytest.mark.parametrize("pool", ["mean", "flatten"])
+def test_conv_pool_keeps_cells_apart_only_when_flattened(pool):
+    """Swapping two cells of the feature map: a mean cannot tell, the flattened map can."""
+    torch.manual_seed(0)
+    encoder = CrossModalModel(model_config("tiny", image_encoder="conv", conv_pool=pool)).encoders["image"]
+    out = encoder(torch.randn(2, 3, 64, 64))
+    assert out.pooled.shape == (2, encoder.width)
+    swapped = out.tokens.clone()
+    swapped[:, [0, 5]] = out.tokens[:, [5, 0]]
+    changed = (encoder.pool(swapped) - encoder.pool(out.tokens)).abs().max().item()
+    assert (changed > 1e-3) == (pool == "flatten")
+
+
+def test_unknown_conv_pool_is_refused():
+    with pytest.raises(ValueError, match="conv_pool"):
+        model_config("tiny", conv_pool="max")
+
+
 @pytest.mark.parametrize("fusion", ["early", "late", "hierarchical"])
 def test_absent_for_a_sample_equals_absent_from_the_batch(tiny_cfg, demo_batch, fusion):
     """A sample flagged has_audio=False fuses exactly as if the batch carried no audio at all."""

@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines.data.demo_world import (ANSWERS, COLOUR_TONE_HZ, COLOURS, POSITION_DRONE_HZ, SHAPE_PULSES,
-                                       DemoWorld, Shape)
+from pipelines.data.demo_world import (ANSWERS, COLOUR_TONE_HZ, COLOURS, POSITION_DRONE_HZ, SHAPE_CHIME_HZ, SHAPE_PULSES,
+                                                                              DemoWorld, Shape)
 
 WORLD = DemoWorld(seed=3)
 
@@ -69,7 +69,7 @@ def pulses(segment: np.ndarray, rate: int, tone: float) -> int:
     return int(np.sum(on[1:] & ~on[:-1]) + on[0])
 
 
-def test_audio_encodes_colour_rhythm_and_position_per_slot():
+def test_audio_encodes_colour_kind_rhythm_and_position_per_slot():
     checked = 0
     for index in range(40):
         record = WORLD.sample(index)
@@ -86,6 +86,8 @@ def test_audio_encodes_colour_rhythm_and_position_per_slot():
             assert int(np.argmin([abs(f - drone) for f in POSITION_DRONE_HZ])) == shape.cell
             assert pulses(segment, rate, tone) == SHAPE_PULSES[shape.kind]
             checked += 1
+            chime = dominant(segment, rate, 2000, 6000)
+            assert min(SHAPE_CHIME_HZ, key=lambda k: abs(SHAPE_CHIME_HZ[k] - chime)) == shape.kind
         silent = wave[len(objects(record)) * slot:]
         assert len(silent) == 0 or np.sqrt(np.mean(silent ** 2)) < 0.05  # only the noise floor
     assert checked > 40
