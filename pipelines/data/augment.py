@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipelines.configbase import Strict
 
@@ -74,7 +74,25 @@ class NegativeCaptions(Strict):
 
     p: float = Field(0.0, ge=0, le=1, description="share of training samples given negative captions")
     count: int = Field(1, ge=1, le=8, description="negative captions per sample (distinct where the text allows)")
-    words_file: str | None = Field(None, description="one group of mutually exclusive words per line; null: the shipped table")
+    words_file: str | None = Field(None, description="one group of mutually exclusive words per line; a path, or the name of a "
+                                                    "table in pipelines/data/; null: contrast_words.txt")
+
+    @field_validator("words_file")
+    @classmethod
+    def _has_groups(cls, path: str | None) -> str | None:
+        """Checked when the config loads (not in a Ray worker mid-run), and made absolute so the
+        workers read the file the user meant whatever their working directory."""
+        if path is None:
+            return None
+        resolved = Path(path).expanduser().resolve()
+        shipped = Path(__file__).parent / Path(path).name  # a bare name finds a table shipped here
+        if not resolved.is_file() and Path(path).name == path and shipped.is_file():
+            resolved = shipped
+        if not resolved.is_file():
+            raise ValueError(f"{path}: no such file")
+        if not word_groups(resolved):
+            raise ValueError(f"{path}: no line with two or more words to swap")
+        return str(resolved)
 
 
 class AugmentConfig(Strict):

@@ -37,3 +37,30 @@ def test_no_negative_when_no_word_can_change(tmp_path):
     table.write_text("# comment\ncat dog\n")
     # Only one contradiction exists, however many are asked for.
     assert negative_captions("a cat sat", NegativeCaptions(p=1.0, count=3, words_file=str(table)), 0) == ["a dog sat"]
+
+
+def test_words_file_is_checked_at_load_and_made_absolute(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "words.txt").write_text("cat dog\n")
+    assert NegativeCaptions(p=1.0, words_file="words.txt").words_file == str(tmp_path / "words.txt")
+    assert NegativeCaptions(p=1.0, words_file="contrast_words.txt").words_file == str(CONTRAST_FILE)  # shipped
+    with pytest.raises(ValidationError, match="nowhere.txt: no such file"):
+        NegativeCaptions(p=1.0, words_file="nowhere.txt")
+    (tmp_path / "lonely.txt").write_text("# one word per line swaps nothing\ncat\n")
+    with pytest.raises(ValidationError, match="lonely.txt: no line with two or more words"):
+        NegativeCaptions(p=1.0, words_file="lonely.txt")
+
+
+def test_the_demo_table_swaps_only_kinds_and_positions():
+    """pipelines/data/contrast_shapes_positions.txt: colour and count words stay."""
+    from pathlib import Path
+
+    table = str(Path(CONTRAST_FILE).with_name("contrast_shapes_positions.txt"))
+    kept = {"two", "red", "blue"}
+    for seed in range(30):
+        for negative in negative_captions(CAPTION, NegativeCaptions(p=1.0, count=3, words_file=table), seed):
+            assert kept <= set(negative.replace(":", " ").split())
+            changed = [(a, b) for a, b in zip(CAPTION.split(), negative.split()) if a != b]
+            assert len(changed) == 1 and changed[0][0].strip(".") in {"circle", "diamond", "left", "right", "bottom"}
