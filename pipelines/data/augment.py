@@ -85,9 +85,8 @@ class NegativeCaptions(Strict):
         if path is None:
             return None
         resolved = Path(path).expanduser().resolve()
-        shipped = Path(__file__).parent / Path(path).name  # a bare name finds a table shipped here
-        if not resolved.is_file() and Path(path).name == path and shipped.is_file():
-            resolved = shipped
+        if not resolved.is_file() and Path(path).name == path:
+            resolved = Path(__file__).parent / path  # a bare name also finds a table shipped here
         if not resolved.is_file():
             raise ValueError(f"{path}: no such file")
         if not word_groups(resolved):

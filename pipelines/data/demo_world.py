@@ -25,6 +25,10 @@ encoder reads only by counting onsets across frames. With the chime every attrib
 read from a single spectrogram frame. In the 9-minute demo, captions from audio name the kind
 right 80% of the time with the chime (measured after the fusion-init fix in
 `model/multimodal.py`; the rhythm-only world was not re-measured after that fix).
+
+Some samples lack their image or audio on purpose, so balancing and missing-modality
+training have something to do. Each sample depends only on (seed, index): the world does not
+change with how it is split into parts.
 """
 
 from __future__ import annotations
