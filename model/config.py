@@ -6,6 +6,7 @@ The pipeline validates these values at load (pydantic); the model library trusts
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 MODALITIES = ("text", "image", "audio")
@@ -33,7 +34,7 @@ class ModelConfig:
     # image: "vit" (patch Transformer) or "conv" (MobileNet-style depthwise-separable, for students)
     image_encoder: str = "vit"
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 8  # ViT: the patch side; conv: the pixels each cell of its output map covers
     image: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
     # conv encoder: Transformer blocks over its feature map, so pooled features can say what is
     # where (see ConvEncoder). 0 in the registered sizes: in the 9-minute CPU demo two blocks
@@ -70,6 +71,11 @@ class ModelConfig:
             raise ValueError(f"conv_pool must be 'mean' or 'flatten', got {self.conv_pool!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_encoder == "conv" and not (
+                self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0
+                and math.log2(self.patch_size) - 1 <= self.image.depth):
+            raise ValueError(f"the conv image encoder halves the image {self.image.depth + 1} times at most: "
+                             f"patch_size must be a power of two from 2 to {2 ** (self.image.depth + 1)}, got {self.patch_size}")
         if self.fusion == "hierarchical" and not 0 < self.co_attention_layers <= self.fusion_tower.depth:
             raise ValueError("co_attention_layers must be in [1, fusion_tower.depth] for hierarchical fusion")
         for tower in (self.text, self.image, self.audio, self.fusion_tower, self.decoder):

@@ -129,11 +129,13 @@ class ConvEncoder(nn.Module):
         widths = [stem] + [min(width, stem * 2 ** (i + 1)) for i in range(depth)]
         widths[-1] = width
         self.stem = full_conv_block(3, widths[0], 2)
-        # Down-sample in the first blocks until the feature map is at most 8x8 tokens.
-        strided = max(0, int(math.log2(cfg.image_size // 2 // 8)))
+        # Down-sample in the first blocks until each cell of the map covers patch_size x patch_size
+        # pixels, as the ViT's patches do: the fusion reads one token per cell, and the tokens'
+        # count, not this tower, is what the fusion's cost grows with.
+        strided = int(math.log2(cfg.patch_size)) - 1  # the stem halves once
         self.blocks = nn.Sequential(*(full_conv_block(widths[i], widths[i + 1], 2) if i < strided
                                       else SeparableBlock(widths[i], widths[i + 1], 1) for i in range(depth)))
-        side = cfg.image_size // 2 // 2 ** min(strided, depth)
+        side = cfg.image_size // cfg.patch_size
         # Where each cell of the feature map is: captions and questions talk about positions.
         self.pos = nn.Parameter(torch.zeros(1, side * side, width))
         nn.init.trunc_normal_(self.pos, std=0.02)

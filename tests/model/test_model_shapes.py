@@ -89,6 +89,22 @@ def test_conv_pool_keeps_cells_apart_only_when_flattened(pool):
     assert (changed > 1e-3) == (pool == "flatten")
 
 
+@pytest.mark.parametrize("patch_size, cells", [(2, 32), (4, 16), (8, 8)])
+def test_conv_tokens_cover_patch_size_pixels_like_vit_patches(patch_size, cells):
+    """Each token of the conv map covers patch_size x patch_size pixels: a 64-pixel image gives
+    the fusion (64 / patch_size)^2 tokens, as many as the ViT's patches."""
+    cfg = model_config("tiny", image_encoder="conv", patch_size=patch_size)
+    out = CrossModalModel(cfg).encoders["image"](torch.randn(2, 3, 64, 64))
+    assert out.tokens.shape == (2, cells * cells, cfg.image.width) and cells * cells == cfg.image_patches
+
+
+@pytest.mark.parametrize("image_size, patch_size", [(64, 1), (64, 16), (48, 6)])
+def test_conv_patch_size_it_cannot_reach_by_halving_is_refused(image_size, patch_size):
+    # tiny: image depth 2, so the stem and two strided blocks halve the image 3 times at most
+    with pytest.raises(ValueError, match="patch_size must be a power of two from 2 to 8"):
+        model_config("tiny", image_encoder="conv", image_size=image_size, patch_size=patch_size)
+
+
 def test_unknown_conv_pool_is_refused():
     with pytest.raises(ValueError, match="conv_pool"):
         model_config("tiny", conv_pool="max")
