@@ -6,7 +6,6 @@ The pipeline validates these values at load (pydantic); the model library trusts
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 MODALITIES = ("text", "image", "audio")
@@ -71,9 +70,8 @@ class ModelConfig:
             raise ValueError(f"conv_pool must be 'mean' or 'flatten', got {self.conv_pool!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.image_encoder == "conv" and not (
-                self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0
-                and math.log2(self.patch_size) - 1 <= self.image.depth):
+        powers_of_two = {2 ** k for k in range(1, self.image.depth + 2)}  # the stem, then each block
+        if self.image_encoder == "conv" and self.patch_size not in powers_of_two:
             raise ValueError(f"the conv image encoder halves the image {self.image.depth + 1} times at most: "
                              f"patch_size must be a power of two from 2 to {2 ** (self.image.depth + 1)}, got {self.patch_size}")
         if self.fusion == "hierarchical" and not 0 < self.co_attention_layers <= self.fusion_tower.depth:
