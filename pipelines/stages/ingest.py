@@ -40,7 +40,7 @@ class DemoWorldConfig(Strict):
     audio_format: Literal["wav", "flac"] = "flac"
     missing_image: float = Field(0.10, ge=0.0, le=1.0)
     missing_audio: float = Field(0.15, ge=0.0, le=1.0)
-    shape_counts: list[float] = Field([0.25, 0.75], min_length=1, max_length=3,
+    shape_counts: list[float] = Field([0.1, 0.9], min_length=1, max_length=3,
                                       description="probability of a scene with 1, 2, 3 shapes")
 
     @model_validator(mode="after")

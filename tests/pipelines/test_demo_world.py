@@ -129,3 +129,26 @@ def test_questions_have_unique_answers_and_balanced_types():
             assert meta["answer"] == ["one", "two", "three"][len(shapes) - 1]
     assert set(types) == {"count", "colour", "shape", "position"}
     assert min(types.values()) > 800 / 4 * 0.8
+
+
+def recall_ceiling(scenes: list[tuple]) -> float:
+    """The best recall@1 any model can score when every scene is its own query and the
+    candidates are all scenes: a query whose scene has k identical twins is right 1/k of the time."""
+    twins = Counter(scenes)
+    return float(np.mean([1 / twins[scene] for scene in scenes]))
+
+
+def test_the_demo_test_split_leaves_recall_at_1_reachable():
+    # The demo scores retrieval among its test split's images; scenes that are drawn twice are
+    # indistinguishable to any model. With 25% one-shape scenes (216 possible) the ceiling was 0.91.
+    from pipelines.config import load_config
+    from pipelines.data.demo_world import draw_scene
+
+    cfg = load_config("pipelines/configs/demo.yaml")
+    demo = cfg.ingest.demo
+    images = round(demo.num_samples * cfg.shard.splits["test"] * (1 - demo.missing_image))
+    rng = np.random.default_rng(0)
+    scenes = [tuple(draw_scene(rng, tuple(demo.shape_counts))) for _ in range(images)]
+    assert images >= 500
+    assert recall_ceiling(scenes) >= 0.95
+    assert recall_ceiling([tuple(draw_scene(rng, (0.25, 0.75))) for _ in range(images)]) < 0.93  # the old mixture
