@@ -71,7 +71,8 @@ def test_a_ray_train_job_consumes_the_stream(prepared_demo, tmp_path):
     out = Storage(prepared_demo.by_name()["prepare"].output_uri)
     spec = DatasetSpec(**out.read_json("dataset_spec.json"))
     expected = sum(out.read_json("balance.json")["after_epoch0"].values())
-    cfg = model_config("tiny", vocab_size=1024, num_answers=len(spec.answers))
+    size = spec.settings.image_size  # the model fits the prepared data (the demo's 96 px)
+    cfg = model_config("tiny", vocab_size=1024, num_answers=len(spec.answers), image_size=size)
 
     def loop(config):
         import ray.train
@@ -87,7 +88,7 @@ def test_a_ray_train_job_consumes_the_stream(prepared_demo, tmp_path):
             finite &= bool(torch.isfinite(loss))
             seen += len(model_batch["weight"])
             combos |= {(bool(i), bool(a)) for i, a in zip(model_batch["has_image"], model_batch["has_audio"])}
-            assert model_batch["image"].shape[1:] == (3, 64, 64) and model_batch["image"].dtype == torch.float32
+            assert model_batch["image"].shape[1:] == (3, size, size) and model_batch["image"].dtype == torch.float32
         rank = ray.train.get_context().get_world_rank()
         with open(f"{config['out']}/seen-{rank}.json", "w") as f:
             json.dump({"seen": seen, "finite": finite, "combos": sorted(combos)}, f)
