@@ -73,6 +73,7 @@ POSITION_PHRASES = {
 COUNT_WORDS = ("zero", "one", "two", "three")
 CAPTION_TEMPLATES = ("{objects}.", "there is {objects}.", "a picture of {objects}.", "{count} {noun}: {objects}.")
 ANSWERS = tuple(COLOURS) + SHAPES + COUNT_WORDS[1:] + POSITIONS
+SHAPE_COUNTS = (0.1, 0.9)  # probability of a scene with 1, 2 (, 3) shapes; see the module docstring
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class DemoWorld:
     audio_format: str = "flac"
     missing_image: float = 0.10
     missing_audio: float = 0.15
-    shape_counts: tuple[float, ...] = (0.1, 0.9)  # probability of 1, 2, (3) shapes
+    shape_counts: tuple[float, ...] = SHAPE_COUNTS
 
     def key(self, index: int) -> str:
         return f"demo-s{self.seed}-{index:08d}"
@@ -134,7 +135,7 @@ class DemoWorld:
         }
 
 
-def draw_scene(rng: np.random.Generator, shape_counts=(0.1, 0.9)) -> list[Shape]:
+def draw_scene(rng: np.random.Generator, shape_counts=SHAPE_COUNTS) -> list[Shape]:
     count = 1 + int(rng.choice(len(shape_counts), p=np.asarray(shape_counts) / sum(shape_counts)))
     cells = sorted(rng.choice(9, size=count, replace=False).tolist())  # reading order
     colours = list(COLOURS)

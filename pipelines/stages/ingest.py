@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from pipelines.configbase import Strict
 from pipelines.dag import StageContext, StageError, StageResult
-from pipelines.data.demo_world import DemoWorld
+from pipelines.data.demo_world import SHAPE_COUNTS, DemoWorld
 from pipelines.data.records import SCHEMA, combination, to_table
 from pipelines.data.wds_reader import Member, Rejected, assemble, read_tar, split_name, unsafe_name
 from pipelines.parallel import map_tasks
@@ -40,7 +40,7 @@ class DemoWorldConfig(Strict):
     audio_format: Literal["wav", "flac"] = "flac"
     missing_image: float = Field(0.10, ge=0.0, le=1.0)
     missing_audio: float = Field(0.15, ge=0.0, le=1.0)
-    shape_counts: list[float] = Field([0.1, 0.9], min_length=1, max_length=3,
+    shape_counts: list[float] = Field(list(SHAPE_COUNTS), min_length=1, max_length=3,
                                       description="probability of a scene with 1, 2, 3 shapes")
 
     @model_validator(mode="after")

@@ -143,8 +143,9 @@ def test_the_demo_test_split_leaves_recall_at_1_reachable():
     # indistinguishable to any model. With 25% one-shape scenes (216 possible) the ceiling was 0.91.
     from pipelines.config import load_config
     from pipelines.data.demo_world import draw_scene
+    from tests.conftest import DEMO_CONFIG
 
-    cfg = load_config("pipelines/configs/demo.yaml")
+    cfg = load_config(DEMO_CONFIG)
     demo = cfg.ingest.demo
     images = round(demo.num_samples * cfg.shard.splits["test"] * (1 - demo.missing_image))
     rng = np.random.default_rng(0)

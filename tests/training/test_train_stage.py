@@ -18,7 +18,8 @@ from pipelines.runner import run_pipeline
 from tests.conftest import DEMO_CONFIG
 
 TINY = [
-    "train.model.size=tiny", "train.model.image_encoder=vit", "train.model.overrides={}", "train.workers=2", "train.zero_stage=2",
+    "train.model.size=tiny", "train.model.image_encoder=vit", "train.model.overrides={}", "train.workers=2",
+    "train.zero_stage=2",
     "train.precision=bf16", "train.micro_batch=16", "train.lr=3e-3", "train.warmup_steps=5",
     "train.max_minutes=null", "train.log_every=1", "train.val_every=10", "train.shuffle_buffer=64",
     "train.losses.matching=0.5", "train.losses.masked_text=0.5", "train.losses.caption=0.5",
