@@ -6,8 +6,10 @@ All in the same run, with the same model, synthetic batch, objective, AdamW and 
 group (2 processes, one thread each). Prints the median step time of each and its ratio to
 DDP. Target: ZeRO-2 within 1.15x of DDP.
 
-On a GPU machine (no Ray needed): --gpu runs one process on the first GPU, `base` size, bf16,
-plain AMP against DeepSpeed ZeRO-2, with samples/s and achieved TFLOP/s.
+On a GPU machine (no Ray needed): --gpu runs one process on the first GPU, `base` size: a plain
+PyTorch AMP step (bf16 autocast, fused AdamW, clipping) against DeepSpeed engines in each of
+--precisions (bf16: bf16 weights; bf16-mixed: fp32 weights under autocast) and --gpu-stages,
+with samples/s and achieved TFLOP/s.
 """
 
 from __future__ import annotations
@@ -121,6 +123,43 @@ def cpu_benchmark(args) -> None:
     print(f"ZeRO-2 / DDP = {results['zero2'] / ddp:.2f} (target <= 1.15)")
 
 
+def amp_step_fn(model_cfg, batch_size, device):
+    """The baseline: plain PyTorch, bf16 autocast, fused AdamW, gradient clipping; no wrapper."""
+    from model.multimodal import CrossModalModel
+    from model.objectives import MultiTaskObjective
+    from pipelines.training.engine import ObjectiveModule
+
+    torch.manual_seed(0)
+    module = ObjectiveModule(CrossModalModel(model_cfg).to(device), MultiTaskObjective(modality_dropout=0.0))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+    data = synthetic(model_cfg, batch_size, device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = module(data)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+    return step
+
+
+def busy(step, seconds: float, device) -> None:
+    """GPU kernel time per step (two profiled steps) against the unprofiled step time: well
+    under 1, the host (Python, kernel launches, device syncs) is what a step waits on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    kernel = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 2e6
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")) / 2
+    print(f"{'':16} GPU kernels {kernel * 1000:.1f} ms per step (busy {kernel / seconds:.2f} of the step), "
+          f"{syncs:.0f} device syncs per step", flush=True)
+
+
 def gpu_benchmark(args) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     from model.config import model_config
@@ -131,23 +170,27 @@ def gpu_benchmark(args) -> None:
     device = torch.device("cuda")
     cfg = model_config("base")
     results = {}
-    runs = [("amp", lambda: ddp_step_fn(cfg, args.batch, "bf16", device))]
-    runs += [(f"zero{s}", lambda s=s: zero_step_fn(cfg, args.batch, "bf16", s, 1)) for s in args.gpu_stages]
+    runs = [("amp", lambda: amp_step_fn(cfg, args.batch, device))]
+    runs += [(f"zero{s} {p}", lambda s=s, p=p: zero_step_fn(cfg, args.batch, p, s, 1))
+             for s in args.gpu_stages for p in args.precisions]
+    flops = None
     for name, build in runs:
         step = build()
         timed(step, args.warmup, device)
-        flops = training_flops(step, args.batch)
-        times = timed(step, args.steps, device)
-        seconds = statistics.median(times)
-        results[name] = (seconds, args.batch / seconds, flops * args.batch / seconds / 1e12)
+        flops = flops or training_flops(step, args.batch)  # the same model and batch in every run
+        torch.cuda.reset_peak_memory_stats()
+        seconds = statistics.median(timed(step, args.steps, device))
+        results[name] = (seconds, args.batch / seconds, flops * args.batch / seconds / 1e12,
+                         torch.cuda.max_memory_allocated() / 2**30)
+        print(f"{name:16} step {seconds * 1000:7.1f} ms  {args.batch / seconds:7.1f} samples/s  "
+              f"{results[name][2]:6.1f} TFLOP/s (vs open_clip B/16 {results[name][2] / OPEN_CLIP_B16_H100_TFLOPS:.2f})  "
+              f"peak {results[name][3]:5.1f} GiB  ratio to AMP {seconds / results['amp'][0]:.2f}", flush=True)
+        if args.profile:
+            busy(step, seconds, device)
         del step
         torch.cuda.empty_cache()
-    for name, (seconds, rate, tflops) in results.items():
-        print(f"{name:6} step {seconds * 1000:8.1f} ms  {rate:8.1f} samples/s  {tflops:6.1f} TFLOP/s "
-              f"(vs open_clip B/16 {tflops / OPEN_CLIP_B16_H100_TFLOPS:.2f})")
-    for name in results:
-        if name != "amp":
-            print(f"{name} / AMP step time = {results[name][0] / results['amp'][0]:.2f} (target for ZeRO-2 <= 1.15)")
+    print(f"base model, batch {args.batch}, {torch.cuda.get_device_name()}, {flops / 1e9:.0f} GFLOP per sample, "
+          f"median of {args.steps} steps after {args.warmup} warm-up; target: ZeRO-2 <= 1.15x AMP, >= 214 TFLOP/s")
 
 
 def main() -> None:
@@ -155,10 +198,13 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precisions", type=lambda v: v.split(","), default=["bf16", "bf16-mixed"],
+                        help="--gpu: DeepSpeed precisions to time against AMP")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--port", type=int, default=29531)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="--gpu: also print kernel time against wall time per run")
     parser.add_argument("--gpu-stages", type=lambda v: [int(x) for x in v.split(",")], default=[2],
                         help="ZeRO stages to time against AMP on the GPU, e.g. 0,1,2")
     args = parser.parse_args()

@@ -240,7 +240,7 @@ class MultiTaskObjective:
         # None: the model config's rate (ModelConfig.modality_dropout).
         self.weights, self.modality_dropout = weights, modality_dropout
 
-    def __call__(self, model, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, model, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         w = self.weights
         encoded = model.encode(batch)
         any_e = next(iter(encoded.values()))
@@ -268,16 +268,22 @@ class MultiTaskObjective:
         return combine(tasks, asdict(w), batch.get("weight"))
 
 
-def combine(tasks: dict[str, TaskLoss], task_weights: dict[str, float], sample_weights) -> tuple[torch.Tensor, dict[str, float]]:
-    total, parts = None, {}
+def combine(tasks: dict[str, TaskLoss], task_weights: dict[str, float], sample_weights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total loss, each task's loss as a detached 0-dim tensor: NaN where no sample applied).
+
+    One device sync per step (is any task applied at all?), not one per task: on a GPU each
+    sync stops the host from queueing work ahead of the device."""
+    total, parts, applied = None, {}, None
     for name, (loss, applies) in tasks.items():
-        weights = applies.to(loss.dtype) * (sample_weights.to(loss.dtype) if sample_weights is not None else 1.0)
-        if weights.sum() <= 0 or not task_weights.get(name):
+        if not task_weights.get(name):
             continue
-        task = (loss * weights).sum() / weights.sum()
-        parts[name] = float(task.detach())
+        weights = applies.to(loss.dtype) * (sample_weights.to(loss.dtype) if sample_weights is not None else 1.0)
+        weight_sum = weights.sum()
+        task = (loss * weights).sum() / weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
+        parts[name] = torch.where(weight_sum > 0, task, torch.nan).detach()
         total = task_weights[name] * task if total is None else total + task_weights[name] * task
-    if total is None:
+        applied = weight_sum > 0 if applied is None else applied | (weight_sum > 0)
+    if total is None or not bool(applied):
         raise ValueError("no objective applies to this batch")
-    parts["total"] = float(total.detach())
+    parts["total"] = total.detach()
     return total, parts

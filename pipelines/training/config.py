@@ -52,7 +52,8 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "bf16-mixed", "fp16", "fp32"] = Field(
+        "bf16", description="bf16: bf16 weights (fp32 master copy in the optimizer); bf16-mixed: fp32 weights, bf16 autocast")
     micro_batch: int = Field(32, ge=1, description="per worker")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -71,6 +72,7 @@ class TrainConfig(Strict):
     shuffle_buffer: int = Field(256, ge=0)
     seed: int = Field(0, ge=0)
     fault: FaultDrill = FaultDrill()
+    deepspeed: dict = Field(default_factory=dict, description="laid over the generated DeepSpeed config, e.g. {zero_optimization: {reduce_bucket_size: 500000000}}")
 
 
 def model_config_for(cfg: TrainConfig, spec, tokenizer) -> ModelConfig:

@@ -96,7 +96,8 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
                 os.kill(os.getpid(), signal.SIGKILL)  # fault drill: this worker dies right here
             if progress.step % cfg.log_every == 0 and rank == 0:
                 now = time.perf_counter()
-                sink.log({**{f"loss.{k}": v for k, v in parts.items()}, "lr": engine.get_lr()[0],
+                losses = {f"loss.{k}": float(v) for k, v in parts.items()}  # the only sync of the step's losses
+                sink.log({**{k: v for k, v in losses.items() if v == v}, "lr": engine.get_lr()[0],  # v == v: not NaN
                           "samples_per_s": window_samples / (now - window_start), "epoch": progress.epoch}, progress.step)
                 window_start, window_samples = now, 0
             if data.val and progress.step % cfg.val_every == 0:

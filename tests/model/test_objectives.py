@@ -40,16 +40,24 @@ def test_hard_negatives_pick_other_texts_and_flag_rows_without_any():
 def test_objective_survives_a_batch_with_one_caption(tiny_cfg, demo_batch):
     batch = dict(demo_batch, has_text=torch.tensor([True] + [False] * 7))
     loss, parts = MultiTaskObjective(LossWeights())(CrossModalModel(tiny_cfg), batch)
-    assert torch.isfinite(loss) and "matching" not in parts  # no other caption to contrast with
+    assert torch.isfinite(loss) and torch.isnan(parts["matching"])  # no other caption to contrast with
 
 
 def test_combine_weights_tasks_and_samples():
     tasks = {"a": (torch.tensor([1.0, 3.0, 100.0]), torch.tensor([True, True, False])),
              "b": (torch.tensor([2.0, 2.0, 2.0]), torch.tensor([True, True, True]))}
     total, parts = combine(tasks, {"a": 1.0, "b": 0.5}, torch.tensor([1.0, 3.0, 1.0]))
-    assert parts["a"] == pytest.approx((1 * 1 + 3 * 3) / 4)  # sample weights, excluded rows ignored
-    assert parts["b"] == pytest.approx(2.0)
-    assert float(total) == pytest.approx(parts["a"] + 0.5 * 2.0)
+    assert float(parts["a"]) == pytest.approx((1 * 1 + 3 * 3) / 4)  # sample weights, excluded rows ignored
+    assert float(parts["b"]) == pytest.approx(2.0)
+    assert float(total) == pytest.approx(float(parts["a"]) + 0.5 * 2.0)
+
+
+def test_combine_reports_a_task_no_sample_applies_to_as_nan_and_adds_nothing():
+    tasks = {"a": (torch.tensor([1.0, 3.0]), torch.tensor([False, False])), "b": (torch.tensor([2.0, 4.0]), torch.tensor([True, True]))}
+    total, parts = combine(tasks, {"a": 1.0, "b": 1.0}, None)
+    assert torch.isnan(parts["a"]) and float(total) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="no objective applies"):
+        combine({"a": tasks["a"]}, {"a": 1.0}, None)
 
 
 def test_info_nce_is_zero_only_for_perfect_separation():
