@@ -59,6 +59,7 @@ class StageContext:
     inputs: dict[str, StageResult]  # results of the stages it needs, by name
     tracking_uri: str  # MLflow, for stages that log while they run (by run id)
     run_id: str
+    forced: bool = False  # --force / --from: start over, do not resume state an earlier run left
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ class Pipeline:
     def _run_stage(self, stage, section, ident, inputs, lineage, parent, tags, params) -> StageOutcome:
         output = self.storage.child("stages", stage.name, ident[:16])
         run_id = lineage.start_stage(parent, stage.name, ident, tags | {"crossmodal.output_uri": output.uri}, params)
-        ctx = StageContext(stage.name, ident, self.storage, output, inputs, lineage.uri, run_id)
+        ctx = StageContext(stage.name, ident, self.storage, output, inputs, lineage.uri, run_id, stage.name in self.forced)
         self._ray()
         self.echo(f"[{stage.name}] running (identity {ident[:12]}) ...")
         started = time.perf_counter()

@@ -3,7 +3,8 @@ one MLflow run (rank 0 logs into this stage's run by id).
 
 Checkpoints live under <storage root>/ray_train/train-<identity>: a worker that dies is
 replaced and training continues from the latest checkpoint (FailureConfig), and a re-run of
-the pipeline after the driver died resumes there too (Ray Train resumes a run name it finds).
+the pipeline after the driver died resumes there too (Ray Train resumes a run name it finds);
+`--force` / `--from` start over instead.
 At the end the ZeRO shards are consolidated into one fp32 state dict, saved in the model
 library's format (safetensors + config + tokenizer) and scored on the test split.
 """
@@ -44,6 +45,10 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
     limit_data_cpus(spec.data_cpus)
     clock = EpochClock.remote(0)
     checkpoints = ctx.storage.child("ray_train")
+    run_name = f"train-{ctx.identity[:16]}"
+    if ctx.forced and checkpoints.exists(run_name):  # a forced re-run trains from scratch
+        print(f"train: --force: removing the checkpoints of the earlier run ({checkpoints.path(run_name)})")
+        checkpoints.remove_tree(run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "clock": clock,
@@ -51,7 +56,7 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         datasets={"train": build_dataset(spec, "train", epoch=clock), "val": build_dataset(spec, "val")},
-        run_config=RunConfig(name=f"train-{ctx.identity[:16]}", storage_path=checkpoints.uri,
+        run_config=RunConfig(name=run_name, storage_path=checkpoints.uri,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )

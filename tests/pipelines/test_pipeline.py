@@ -76,11 +76,18 @@ def test_failed_stage_stops_dependants_and_rerun_redoes_only_failed_and_later(de
 
 
 def test_rerun_reuses_and_only_from_force_select(demo_config, ray_cluster):
-    assert states(run(demo_config)) == {"first": "ran", "second": "ran", "third": "ran"}
+    first = run(demo_config)
+    assert states(first) == {"first": "ran", "second": "ran", "third": "ran"}
+    assert stage_runs(first)["third"].data.metrics["forced"] == 0.0
     assert states(run(demo_config)) == {"first": "reused", "second": "reused", "third": "reused"}
-    assert states(run(demo_config, from_stage="second")) == {"first": "reused", "second": "ran", "third": "ran"}
+    redo = run(demo_config, from_stage="second")
+    assert states(redo) == {"first": "reused", "second": "ran", "third": "ran"}
+    # A stage told to redo its work must not resume state an earlier run left (train: checkpoints).
+    assert {name: r.data.metrics.get("forced") for name, r in stage_runs(redo).items()} == {"first": 0.0, "second": 1.0, "third": 1.0}
     assert states(run(demo_config, only=["third"])) == {"first": "reused", "second": "reused", "third": "reused"}
-    assert states(run(demo_config, only=["third"], force=True)) == {"first": "reused", "second": "reused", "third": "ran"}
+    forced = run(demo_config, only=["third"], force=True)
+    assert states(forced) == {"first": "reused", "second": "reused", "third": "ran"}
+    assert stage_runs(forced)["third"].data.metrics["forced"] == 1.0
     # A changed config section changes that stage's identity and everything downstream of it.
     changed = demo_config.model_copy(update={"shard": demo_config.shard.model_copy(update={"samples_per_shard": 5})})
     assert states(run(changed)) == {"first": "reused", "second": "ran", "third": "ran"}
