@@ -138,7 +138,11 @@ class ConvEncoder(nn.Module):
         side = cfg.image_size // cfg.patch_size
         # Where each cell of the feature map is: captions and questions talk about positions.
         self.pos = nn.Parameter(torch.zeros(1, side * side, width))
-        nn.init.trunc_normal_(self.pos, std=0.02)
+        # At the scale of the features it is added to (GroupNorm + ReLU6: ~0.5), not ViT's 0.02:
+        # a cell's position must steer attention from the first steps, or words like "top left"
+        # find nothing to attend to (demo, 9 minutes: validation VQA 0.62-0.64 at step 300
+        # against 0.54-0.59 with 0.02).
+        nn.init.trunc_normal_(self.pos, std=0.5)
         self.stack = Stack(width, cfg.conv_attention_layers, cfg.image.heads, cfg.image.mlp_ratio, dropout=cfg.dropout)
         self.flatten_pool = nn.Linear(side * side * width, width) if cfg.conv_pool == "flatten" else None
 

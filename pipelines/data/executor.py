@@ -4,10 +4,11 @@ Ray Data 2.60's scheduling loop blocks in `ray.wait(timeout=0.1)` only until its
 are done. When the consumer (a train worker) is slower than the pipeline, the finished tasks'
 outputs are held back by back-pressure, `ray.wait` returns at once, and the loop spins:
 measured here, the SplitCoordinator that feeds Ray Train took 45-95% of a core of this
-2-core machine on bookkeeping alone. This callback sleeps a few milliseconds after a step in
-which nothing moved (no task submitted or finished, no output taken); a block the consumer
-asks for is still served at once (another thread reads the output queue), only the dispatch
-of new work waits up to `IDLE_SLEEP_S`.
+2-core machine on bookkeeping alone. This callback sleeps 50 ms after a step in which nothing
+moved (no task submitted or finished, no output taken); a block the consumer asks for is
+still served at once (another thread reads the output queue), only the dispatch
+of new work waits up to `IDLE_SLEEP_S` (a task here decodes 256 rows: about a second).
+At 10 ms the SplitCoordinator still took 0.17 of a core during the demo's training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-IDLE_SLEEP_S = 0.01
+IDLE_SLEEP_S = 0.05
 
 
 class IdleBackoff(ExecutionCallback):
