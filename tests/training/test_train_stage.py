@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from model.io import load
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
+from pipelines.storage import Storage
 from tests.conftest import DEMO_CONFIG
 
 TINY = [
@@ -128,15 +129,25 @@ def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_roo
 
 
 def test_a_rerun_of_the_pipeline_continues_from_the_latest_checkpoint(demo_root):
-    """What a driver that died mid-training leaves: the same train identity, so the same Ray Train
-    run name, whose checkpoints Ray restores. Forced here after the first test's run ended at
-    step 40: the new stage run starts at 40 and trains no step again."""
-    outcome, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20", only=["train"], force=True)
+    """What a driver that died mid-training leaves: no finished train stage, but the same train
+    identity, so the same Ray Train run name, whose checkpoints Ray restores. Made here from the
+    first test's run (ended at step 40) by deleting that stage's output: the re-run starts at 40
+    and trains no step again. A forced re-run starts over instead."""
+    extra = ("train.max_steps=40", "train.checkpoint_every=20")
+    reused, _ = run(demo_root, *extra, only=["train"])
+    previous = Storage(reused.by_name()["train"].output_uri)
+    previous.fs.delete_dir(previous.path())
+    outcome, client = run(demo_root, *extra, only=["train"])
     run_id = outcome.by_name()["train"].run_id
     assert [value for _, value in history(client, run_id, "resumed_from_step")] == [40]
     assert history(client, run_id, "loss.total") == []
     saved = load(client.download_artifacts(run_id, "model"))
     assert all(torch.isfinite(p).all() for p in saved.model.parameters())
+
+    forced, client = run(demo_root, *extra, only=["train"], force=True)
+    run_id = forced.by_name()["train"].run_id
+    assert [value for _, value in history(client, run_id, "resumed_from_step")] == [0]
+    assert [step for step, _ in history(client, run_id, "loss.total")][0] <= 20
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
@@ -164,7 +175,6 @@ def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
     import subprocess
     import sys
 
-    from pipelines.storage import Storage
     from tests.conftest import REPO, free_port
 
     spec = Storage(demo_root.joinpath("spec").read_text()).child("dataset_spec.json").path()
