@@ -50,7 +50,9 @@ def timed(step, steps: int, device) -> list[float]:
     return times
 
 
-def ddp_step_fn(model_cfg, batch_size, precision, device):
+def ddp_step_fn(model_cfg, batch_size, precision, device, ddp: bool = True):
+    """Plain PyTorch: autocast in `precision`, AdamW (fused on GPU), clipping; under DDP unless
+    `ddp` is False (the one-GPU AMP baseline: no wrapper at all)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from model.multimodal import CrossModalModel
@@ -59,14 +61,14 @@ def ddp_step_fn(model_cfg, batch_size, precision, device):
 
     torch.manual_seed(0)
     module = ObjectiveModule(CrossModalModel(model_cfg).to(device), MultiTaskObjective(modality_dropout=0.0))
-    ddp = DistributedDataParallel(module)
+    net = DistributedDataParallel(module) if ddp else module
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     data = synthetic(model_cfg, batch_size, device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = ddp(data)
+            loss, _ = net(data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -123,27 +125,6 @@ def cpu_benchmark(args) -> None:
     print(f"ZeRO-2 / DDP = {results['zero2'] / ddp:.2f} (target <= 1.15)")
 
 
-def amp_step_fn(model_cfg, batch_size, device):
-    """The baseline: plain PyTorch, bf16 autocast, fused AdamW, gradient clipping; no wrapper."""
-    from model.multimodal import CrossModalModel
-    from model.objectives import MultiTaskObjective
-    from pipelines.training.engine import ObjectiveModule
-
-    torch.manual_seed(0)
-    module = ObjectiveModule(CrossModalModel(model_cfg).to(device), MultiTaskObjective(modality_dropout=0.0))
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
-    data = synthetic(model_cfg, batch_size, device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = module(data)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-    return step
-
-
 def busy(step, seconds: float, device) -> None:
     """GPU kernel time per step (two profiled steps) against the unprofiled step time: well
     under 1, the host (Python, kernel launches, device syncs) is what a step waits on."""
@@ -170,7 +151,7 @@ def gpu_benchmark(args) -> None:
     device = torch.device("cuda")
     cfg = model_config("base")
     results = {}
-    runs = [("amp", lambda: amp_step_fn(cfg, args.batch, device))]
+    runs = [("amp", lambda: ddp_step_fn(cfg, args.batch, "bf16", device, ddp=False))]
     runs += [(f"zero{s} {p}", lambda s=s, p=p: zero_step_fn(cfg, args.batch, p, s, 1))
              for s in args.gpu_stages for p in args.precisions]
     flops = None
