@@ -37,6 +37,8 @@ def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device | str | 
         out[name] = batch[name].bool()
     out["weight"] = batch["weight"].float()
     out["sample_id"] = batch["sample_id"]
+    if "epoch" in batch:  # training streams: each row's data epoch (the loop logs it, the model never sees it)
+        out["epoch"] = batch["epoch"]
     if device is not None:
         out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
     return out

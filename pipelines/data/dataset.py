@@ -8,9 +8,11 @@ the balancing plan, the seed. `build_dataset(spec, split, epoch)` returns a lazy
         -> augment (train) -> balance (train) -> numeric tensors
 
 Nothing is materialised unless the stage was asked to (then decoding is read back from
-Parquet instead of being redone). `epoch` is an int or an `EpochClock` actor: Ray Train
-re-executes the dataset every epoch, and the clock tells the transforms which epoch it is, so
-augmentation and resampling are fresh each epoch and reproducible from the seed.
+Parquet instead of being redone). The train split streams `epochs` epochs per execution
+(`EpochStream`: no drain and refill of the pipeline between them) and every row carries its
+epoch. `epoch` counts executions ("passes"): an int or an `EpochClock` actor that Ray Train's
+worker advances before each pass, so augmentation, resampling and file order are fresh each
+epoch and reproducible from the seed: pass p holds epochs p * epochs ... (p + 1) * epochs - 1.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import posixpath
 
 import ray
 
-from pipelines.data.datasource import SafeShardDatasource
+from pipelines.data.datasource import EpochStream, SafeShardDatasource
 from pipelines.data.spec import DatasetSpec
-from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch
+from pipelines.data.transforms import (augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch,
+                                       with_epoch)
 from pipelines.storage import Storage
 
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """The epoch number the data transforms should use; the trainer sets it before each epoch."""
+    """Which pass over the train stream the data transforms are in; the trainer sets it before each pass."""
 
     def __init__(self, epoch: int = 0):
         self.epoch = epoch
@@ -45,26 +48,46 @@ def read_decoded(spec: DatasetSpec, split: str, epoch_seed: int | None) -> ray.d
     if split in spec.materialized:
         store = Storage(spec.materialized[split])
         return ray.data.read_parquet(store.path(), filesystem=store.fs, shuffle=shuffle)
-    uris = spec.shards[split]
-    store = Storage(posixpath.dirname(uris[0]))
-    paths = [Storage(u).path() for u in uris]
+    store, paths = shard_paths(spec, split)
     source = SafeShardDatasource(paths, member_limit=spec.member_limit, filesystem=store.fs, shuffle=shuffle)
     # One block per shard: letting Ray split each shard's block into small ones to reach its
     # target parallelism made 5x more decode tasks and cost ~30% throughput on 2 cores.
-    return ray.data.read_datasource(source, override_num_blocks=len(paths)).map_batches(
-        decode_batch, fn_kwargs={"settings": spec.settings}, batch_size=spec.batch_size, batch_format="numpy")
+    return decode(spec, ray.data.read_datasource(source, override_num_blocks=len(paths)))
+
+
+def read_epochs(spec: DatasetSpec, epochs: int, pass_index) -> ray.data.Dataset:
+    """Decoded train rows of `epochs` consecutive epochs, each row tagged with its epoch."""
+    if "train" in spec.materialized:  # Parquet: one epoch per pass, the epoch added as a column
+        if epochs != 1:
+            raise ValueError("train.stream_epochs must be 1 when prepare.materialize is true "
+                             f"(got {epochs}): a materialised split streams one epoch per pass")
+        seed = spec.seed * 1000 + (pass_index if isinstance(pass_index, int) else 0)
+        return read_decoded(spec, "train", seed).map_batches(with_epoch, fn_kwargs={"epoch": pass_index},
+                                                             batch_size=spec.batch_size, batch_format="numpy")
+    store, paths = shard_paths(spec, "train")
+    source = EpochStream(paths, store.fs, spec.member_limit, spec.seed, epochs, pass_index)
+    return decode(spec, ray.data.read_datasource(source, override_num_blocks=len(paths) * epochs))
+
+
+def shard_paths(spec: DatasetSpec, split: str) -> tuple[Storage, list[str]]:
+    uris = spec.shards[split]
+    return Storage(posixpath.dirname(uris[0])), [Storage(u).path() for u in uris]
+
+
+def decode(spec: DatasetSpec, rows: ray.data.Dataset) -> ray.data.Dataset:
+    return rows.map_batches(decode_batch, fn_kwargs={"settings": spec.settings}, batch_size=spec.batch_size,
+                            batch_format="numpy")
 
 
 def build_dataset(spec: DatasetSpec, split: str, epoch=0, augment: bool | None = None,
-                  balance: bool | None = None) -> ray.data.Dataset:
-    """The model-ready stream of one split. Train: augmented, balanced, files shuffled."""
+                  balance: bool | None = None, epochs: int = 1) -> ray.data.Dataset:
+    """The model-ready stream of one split. Train: `epochs` epochs per pass (see the module
+    docstring), augmented, balanced, files shuffled per epoch."""
     train = split == "train"
     augment = train if augment is None else augment
     balance = train if balance is None else balance
-    epoch_seed = None
-    if train:  # a different file order each epoch, reproducible from the seed
-        epoch_seed = spec.seed * 1000 + (epoch if isinstance(epoch, int) else 0)
-    ds = read_decoded(spec, split, epoch_seed).map_batches(keep_usable, batch_size=spec.batch_size, batch_format="numpy")
+    rows = read_epochs(spec, epochs, epoch) if train else read_decoded(spec, split, None)
+    ds = rows.map_batches(keep_usable, batch_size=spec.batch_size, batch_format="numpy")
     if augment:
         ds = ds.map_batches(augment_batch, batch_size=spec.batch_size, batch_format="numpy",
                             fn_kwargs={"cfg": spec.augment, "seed": spec.seed, "epoch": epoch,

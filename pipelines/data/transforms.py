@@ -71,7 +71,16 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
     out["image"] = stack([d["image"] for d in decoded], (settings.image_size, settings.image_size, 3), np.uint8)
     out["audio"] = stack([d["audio"] for d in decoded], (int(round(settings.sample_rate * settings.max_audio_seconds)),), np.float32)
     out["audio_len"] = np.array([d["audio_len"] for d in decoded], dtype=np.int32)
+    if "epoch" in batch:  # an EpochStream row knows its epoch
+        out["epoch"] = np.asarray(batch["epoch"], dtype=np.int32)
     return out
+
+
+def row_epochs(batch: dict[str, np.ndarray], epoch) -> np.ndarray:
+    """Each row's epoch: its own (an EpochStream's rows carry one), else the stream's."""
+    if "epoch" in batch:
+        return np.asarray(batch["epoch"], dtype=np.int64)
+    return np.full(len(batch["key"]), resolve_epoch(epoch), dtype=np.int64)
 
 
 def stack(arrays: list[np.ndarray], shape: tuple, dtype) -> np.ndarray:
@@ -87,13 +96,18 @@ def keep_usable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return take(batch, np.flatnonzero(usable))
 
 
+def with_epoch(batch: dict[str, np.ndarray], epoch) -> dict[str, np.ndarray]:
+    return {**batch, "epoch": row_epochs(batch, epoch).astype(np.int32)}
+
+
 def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, epoch, sample_rate: int) -> dict[str, np.ndarray]:
-    epoch = resolve_epoch(epoch)
+    epochs = row_epochs(batch, epoch)
     batch = {name: values.copy() for name, values in batch.items()}
     negatives = cfg.negatives.p > 0  # no column at all when off: nothing to tokenize or ship
     if negatives:
         batch["negative"] = np.full(len(batch["key"]), "", dtype=object)
     for i, key in enumerate(batch["key"]):
+        epoch = int(epochs[i])
         if batch["has_image"][i]:
             batch["image"][i] = augment_image(batch["image"][i], batch["caption"][i], cfg.image,
                                               sample_seed(seed, epoch, key, "image"))
@@ -111,9 +125,8 @@ def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, e
 
 def balance_batch(batch: dict[str, np.ndarray], multiplicity: dict[str, float], weights: dict[str, float],
                   seed: int, epoch) -> dict[str, np.ndarray]:
-    epoch = resolve_epoch(epoch)
-    repeats = np.array([copies(k, multiplicity.get(c, 1.0), seed, epoch) for k, c in zip(batch["key"], batch["combo"])],
-                       dtype=np.int64)
+    repeats = np.array([copies(k, multiplicity.get(c, 1.0), seed, int(e))
+                        for k, c, e in zip(batch["key"], batch["combo"], row_epochs(batch, epoch))], dtype=np.int64)
     out = take(batch, np.repeat(np.arange(len(repeats)), repeats))
     out["weight"] = np.array([weights.get(c, 1.0) for c in out["combo"]], dtype=np.float32)
     return out
@@ -155,6 +168,8 @@ def tensor_batch(batch: dict[str, np.ndarray], tokenizer_json: str, answers: tup
         "weight": batch.get("weight", np.ones(len(batch["key"]), dtype=np.float32)),
         "sample_id": np.array([sample_seed(0, 0, k, "id") for k in batch["key"]], dtype=np.int64),
     }
+    if "epoch" in batch:  # training batches only: which epoch each row belongs to
+        tensors["epoch"] = np.asarray(batch["epoch"], dtype=np.int32)
     if "negative" in batch:  # training batches only (see augment_batch): (rows, count, tokens)
         count = max([1] + [len(n.split(NEGATIVE_SEPARATOR)) for n in batch["negative"] if n])
         texts = [(n.split(NEGATIVE_SEPARATOR) if n else []) + [""] * count for n in batch["negative"]]

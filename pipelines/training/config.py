@@ -70,6 +70,8 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
     shuffle_buffer: int = Field(256, ge=0)
+    stream_epochs: int = Field(1, ge=1, description="data epochs per pass of the Ray Data stream: the pipeline drains "
+                               "and refills between passes (seconds on a small machine), not between these epochs")
     seed: int = Field(0, ge=0)
     fault: FaultDrill = FaultDrill()
     deepspeed: dict = Field(default_factory=dict, description="laid over the generated DeepSpeed config, e.g. {zero_optimization: {reduce_bucket_size: 500000000}}")

@@ -27,7 +27,7 @@ from pipelines.training.evaluation import collect, gather, summarize
 
 @dataclass
 class Data:
-    train_epoch: Callable[[int], Iterable[dict]]  # epoch -> this rank's model batches
+    train_epoch: Callable[[int], Iterable[dict]]  # pass -> this rank's model batches (a pass: one or more epochs)
     val: Callable[[], Iterable[dict]] | None = None  # this rank's part of the validation set
 
 
@@ -42,8 +42,9 @@ class Sink:
 @dataclass
 class Progress:
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    epoch: int = 0  # passes over the train stream done (a pass holds train.stream_epochs data epochs)
+    batch_in_epoch: int = 0  # micro-batches of this pass already trained on
+    data_epoch: int = 0  # the data epoch of the latest batch (logged as `epoch`)
     samples: int = 0  # samples trained on, all ranks
     train_seconds: float = 0.0
     history: list = field(default_factory=list)  # (step, validation metrics)
@@ -80,7 +81,11 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
         engine.train()
         for index, batch in enumerate(data.train_epoch(progress.epoch)):
             if index < progress.batch_in_epoch:
-                continue  # resuming: this part of the epoch was trained on before the checkpoint
+                continue  # resuming: this part of the pass was trained on before the checkpoint
+            if "epoch" in batch:
+                progress.data_epoch = int(batch.pop("epoch").max())
+            else:
+                progress.data_epoch = progress.epoch
             loss, parts = engine(cast_batch(batch, dtype), generator)
             engine.backward(loss)
             if cfg.max_minutes:  # one scalar all-reduce per step, only when there is a budget
@@ -98,7 +103,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
                 now = time.perf_counter()
                 losses = {f"loss.{k}": float(v) for k, v in parts.items()}  # the only sync of the step's losses
                 sink.log({**{k: v for k, v in losses.items() if v == v}, "lr": engine.get_lr()[0],  # v == v: not NaN
-                          "samples_per_s": window_samples / (now - window_start), "epoch": progress.epoch}, progress.step)
+                          "samples_per_s": window_samples / (now - window_start), "epoch": progress.data_epoch}, progress.step)
                 window_start, window_samples = now, 0
             if data.val and progress.step % cfg.val_every == 0:
                 validate(engine, data, dtype, sink, rank, progress)

@@ -75,6 +75,34 @@ def test_augmentation_is_reproducible_and_fresh_each_epoch(tmp_path, ray_cluster
     assert np.array_equal(epoch_images(clock), second)
 
 
+def test_a_pass_of_several_epochs_streams_each_epoch_as_its_own_pass_would(tmp_path, ray_cluster):
+    shard = tmp_path / "train" / "shard-0.tar"
+    shard.parent.mkdir()
+    keys = crafted_shard(shard, reasons=("truncated_image", "pickle_member"))
+    spec = spec_for({"train": [str(shard)]})
+
+    def images(stream_pass, epochs):  # {(epoch, sample_id): augmented image}, and the epochs in stream order
+        ds = build_dataset(spec, "train", epoch=stream_pass, balance=False, epochs=epochs)
+        out, order = {}, []
+        for batch in ds.iter_batches(batch_format="numpy"):
+            for epoch, sample_id, image in zip(batch["epoch"], batch["sample_id"], batch["image"]):
+                out[(int(epoch), int(sample_id))] = image
+                order.append(int(epoch))
+        return out, order
+
+    stream, order = images(0, epochs=3)
+    assert order == sorted(order) and Counter(order) == {0: 3, 1: 3, 2: 3}  # epoch after epoch, the good samples only
+    assert len(keys) == 3 and len(stream) == 9
+    next_pass, _ = images(1, epochs=3)
+    assert sorted({epoch for epoch, _ in next_pass}) == [3, 4, 5]  # pass 1 continues the epoch count
+    for epoch in range(3):  # the same images as a one-epoch pass of that epoch
+        alone, _ = images(epoch, epochs=1)
+        assert alone.keys() == {k for k in stream if k[0] == epoch}
+        assert all(np.array_equal(alone[k], stream[k]) for k in alone)
+    ids = {sample_id for _, sample_id in stream}
+    assert any(not np.array_equal(stream[(0, i)], stream[(1, i)]) for i in ids)  # fresh augmentation per epoch
+
+
 def test_balancing_reaches_the_target_mixture_on_10000_samples():
     rng = np.random.default_rng(0)
     combos = rng.choice(["image+text+audio", "image+text", "text+audio"], size=10_000, p=[0.8, 0.15, 0.05])

@@ -76,6 +76,8 @@ def test_zero2_bf16_learns_and_logs_one_stage_run(demo_root):
     assert [step for step, _ in history(client, run_id, "val.text_to_image.r1")] == [10, 20, 30, 40]
     assert all(v > 0 for _, v in history(client, run_id, "samples_per_s"))
     assert history(client, run_id, "lr")[0][1] < history(client, run_id, "lr")[4][1]  # warm-up
+    epochs = [value for _, value in history(client, run_id, "epoch")]  # demo.yaml: 8 epochs in one stream pass
+    assert epochs == sorted(epochs) and epochs[0] == 0 and epochs[-1] >= 1, epochs
 
     ds_config = json.load(open(client.download_artifacts(run_id, "deepspeed_config.json")))
     assert ds_config["zero_optimization"]["stage"] == 2 and ds_config["bf16"]["enabled"]
