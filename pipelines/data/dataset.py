@@ -10,9 +10,9 @@ the balancing plan, the seed. `build_dataset(spec, split, epoch)` returns a lazy
 Nothing is materialised unless the stage was asked to (then decoding is read back from
 Parquet instead of being redone). The train split streams `epochs` epochs per execution
 (`EpochStream`: no drain and refill of the pipeline between them) and every row carries its
-epoch. `epoch` counts executions ("passes"): an int or an `EpochClock` actor that Ray Train's
-worker advances before each pass, so augmentation, resampling and file order are fresh each
-epoch and reproducible from the seed: pass p holds epochs p * epochs ... (p + 1) * epochs - 1.
+epoch. `epoch` is the first epoch of an execution ("a pass"): an int or an `EpochClock` actor
+that Ray Train's worker sets before each pass, so augmentation, resampling and file order are
+fresh each epoch and reproducible from the seed: a pass from epoch e holds e ... e + epochs - 1.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipelines.storage import Storage
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """Which pass over the train stream the data transforms are in; the trainer sets it before each pass."""
+    """The first epoch of the pass over the train stream; the trainer sets it before each pass."""
 
     def __init__(self, epoch: int = 0):
         self.epoch = epoch
@@ -55,17 +55,17 @@ def read_decoded(spec: DatasetSpec, split: str, epoch_seed: int | None) -> ray.d
     return decode(spec, ray.data.read_datasource(source, override_num_blocks=len(paths)))
 
 
-def read_epochs(spec: DatasetSpec, epochs: int, pass_index) -> ray.data.Dataset:
+def read_epochs(spec: DatasetSpec, epochs: int, first_epoch) -> ray.data.Dataset:
     """Decoded train rows of `epochs` consecutive epochs, each row tagged with its epoch."""
     if "train" in spec.materialized:  # Parquet: one epoch per pass, the epoch added as a column
         if epochs != 1:
             raise ValueError("train.stream_epochs must be 1 when prepare.materialize is true "
                              f"(got {epochs}): a materialised split streams one epoch per pass")
-        seed = spec.seed * 1000 + (pass_index if isinstance(pass_index, int) else 0)
-        return read_decoded(spec, "train", seed).map_batches(with_epoch, fn_kwargs={"epoch": pass_index},
+        seed = spec.seed * 1000 + (first_epoch if isinstance(first_epoch, int) else 0)
+        return read_decoded(spec, "train", seed).map_batches(with_epoch, fn_kwargs={"epoch": first_epoch},
                                                              batch_size=spec.batch_size, batch_format="numpy")
     store, paths = shard_paths(spec, "train")
-    source = EpochStream(paths, store.fs, spec.member_limit, spec.seed, epochs, pass_index)
+    source = EpochStream(paths, store.fs, spec.member_limit, spec.seed, epochs, first_epoch)
     return decode(spec, ray.data.read_datasource(source, override_num_blocks=len(paths) * epochs))
 
 

@@ -63,18 +63,18 @@ def shard_tables(f, path: str, member_limit: int) -> Iterator[pa.Table]:
 
 
 class EpochStream(Datasource):
-    """`epochs` consecutive epochs of a split's shards, from epoch `pass_index * epochs` on.
+    """`epochs` consecutive epochs of a split's shards, from epoch `first_epoch` on.
 
-    `pass_index` is an int or an EpochClock actor (read when an execution starts: Ray Train
-    re-executes the dataset once per pass), so a second pass continues the epoch count and
-    draws fresh file orders, augmentation and resampling.
+    `first_epoch` is an int or an EpochClock actor (read when an execution starts: Ray Train
+    re-executes the dataset once per pass), so the next pass continues the epoch count with
+    fresh file orders, augmentation and resampling, and a resumed run restarts at its epoch.
     """
 
-    def __init__(self, paths: list[str], filesystem, member_limit: int, seed: int, epochs: int, pass_index=0):
+    def __init__(self, paths: list[str], filesystem, member_limit: int, seed: int, epochs: int, first_epoch=0):
         if epochs < 1:
             raise ValueError(f"EpochStream: epochs must be >= 1, got {epochs}")
         self.paths, self.filesystem, self.member_limit = list(paths), filesystem, member_limit
-        self.seed, self.epochs, self.pass_index = seed, epochs, pass_index
+        self.seed, self.epochs, self.first_epoch = seed, epochs, first_epoch
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -83,7 +83,7 @@ class EpochStream(Datasource):
                        data_context=None) -> list[ReadTask]:
         from pipelines.data.transforms import resolve_epoch
 
-        first = resolve_epoch(self.pass_index) * self.epochs
+        first = resolve_epoch(self.first_epoch)
         return [ReadTask(partial(read_epoch_shard, self.paths[i], self.filesystem, self.member_limit, epoch),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(self.paths[i],)),
                          schema=ROW_SCHEMA.append(pa.field("epoch", pa.int32())))

@@ -1,10 +1,13 @@
 """The training loop: DeepSpeed engine, multi-task step, validation, checkpoints, resume.
 
 It knows nothing of Ray or MLflow. The caller hands it:
-- `Data`: this rank's train batches for an epoch, and its part of the validation set;
+- `Data`: this rank's train batches for a pass over the stream (one or more data epochs, from
+  a given epoch on), and its part of the validation set;
 - `Sink`: where metrics go (rank 0 logs), where a checkpoint goes, where to resume from.
 All ranks run the same number of steps in lockstep (DeepSpeed's collectives need it): each
-epoch's data is split equally, and the time budget is agreed with an all-reduce.
+pass's data is split equally, and the time budget is agreed with an all-reduce. A resumed run
+starts a pass at the epoch its checkpoint was in and skips the batches of that epoch it had
+trained on (to within a batch and the local shuffle buffer), not the whole pass.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pipelines.training.evaluation import collect, gather, summarize
 
 @dataclass
 class Data:
-    train_epoch: Callable[[int], Iterable[dict]]  # pass -> this rank's model batches (a pass: one or more epochs)
+    train_epoch: Callable[[int], Iterable[dict]]  # first epoch -> this rank's model batches of a pass from there
     val: Callable[[], Iterable[dict]] | None = None  # this rank's part of the validation set
 
 
@@ -42,9 +45,10 @@ class Sink:
 @dataclass
 class Progress:
     step: int = 0  # optimizer steps done
-    epoch: int = 0  # passes over the train stream done (a pass holds train.stream_epochs data epochs)
-    batch_in_epoch: int = 0  # micro-batches of this pass already trained on
+    pass_start: int = 0  # the first data epoch of the pass being read
+    batch_in_pass: int = 0  # micro-batches of this pass trained on (a resumed pass skips them)
     data_epoch: int = 0  # the data epoch of the latest batch (logged as `epoch`)
+    epoch_batches: int = 0  # micro-batches of `data_epoch` trained on
     samples: int = 0  # samples trained on, all ranks
     train_seconds: float = 0.0
     history: list = field(default_factory=list)  # (step, validation metrics)
@@ -79,19 +83,18 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
 
     while progress.step < cfg.max_steps:
         engine.train()
-        for index, batch in enumerate(data.train_epoch(progress.epoch)):
-            if index < progress.batch_in_epoch:
+        for index, batch in enumerate(data.train_epoch(progress.pass_start)):
+            if index < progress.batch_in_pass:
                 continue  # resuming: this part of the pass was trained on before the checkpoint
-            if "epoch" in batch:
-                progress.data_epoch = int(batch.pop("epoch").max())
-            else:
-                progress.data_epoch = progress.epoch
+            epoch = int(batch.pop("epoch").max()) if "epoch" in batch else progress.pass_start
+            progress.epoch_batches = progress.epoch_batches + 1 if epoch == progress.data_epoch else 1
+            progress.data_epoch = epoch
             loss, parts = engine(cast_batch(batch, dtype), generator)
             engine.backward(loss)
             if cfg.max_minutes:  # one scalar all-reduce per step, only when there is a budget
                 budget.fraction = agreed_max(elapsed()) / (cfg.max_minutes * 60)
             engine.step()
-            progress.batch_in_epoch = index + 1
+            progress.batch_in_pass = index + 1
             progress.samples += batch["weight"].shape[0] * world
             window_samples += batch["weight"].shape[0] * world
             if engine.global_steps == progress.step:
@@ -114,7 +117,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
                 last_saved = progress.step
             if progress.step >= cfg.max_steps or out_of_time:
                 return finish(engine, data, dtype, sink, rank, progress, last_saved)
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        progress.pass_start, progress.batch_in_pass = progress.data_epoch + 1, 0
     return finish(engine, data, dtype, sink, rank, progress, last_saved)
 
 
@@ -138,12 +141,12 @@ def validate(engine, data: Data, dtype, sink: Sink, rank: int, progress: Progres
 
 def checkpoint(engine, sink: Sink, rank: int, progress: Progress) -> None:
     """Every rank writes its ZeRO shard, its RNG state and the loop position into one folder."""
-    state = {"step": progress.step, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
+    state = {"step": progress.step, "data_epoch": progress.data_epoch, "epoch_batches": progress.epoch_batches,
              "samples": progress.samples, "train_seconds": progress.train_seconds}
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=f"step{progress.step}", client_state={"progress": state})
         save_rng(Path(folder), rank)
-        sink.save(Path(folder), {"step": progress.step, "epoch": progress.epoch})
+        sink.save(Path(folder), {"step": progress.step, "epoch": progress.data_epoch})
 
 
 def resume(engine, sink: Sink, rank: int) -> Progress:
@@ -153,5 +156,7 @@ def resume(engine, sink: Sink, rank: int) -> Progress:
     _, client_state = engine.load_checkpoint(str(folder))
     load_rng(folder, rank)
     state = client_state["progress"]
-    return Progress(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+    # The pass restarts at the checkpoint's epoch, not at the start of the pass it was in.
+    return Progress(step=state["step"], pass_start=state["data_epoch"], batch_in_pass=state["epoch_batches"],
+                    data_epoch=state["data_epoch"], epoch_batches=state["epoch_batches"],
                     samples=state["samples"], train_seconds=state["train_seconds"])

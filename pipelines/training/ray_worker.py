@@ -34,13 +34,13 @@ def train_loop_per_worker(config: dict) -> None:
     clock = config["clock"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
-    def train_epoch(stream_pass: int):
+    def train_epoch(first_epoch: int):
         if rank == 0:
-            ray.get(clock.set.remote(stream_pass))  # its epochs' file order, augmentation and resampling
+            ray.get(clock.set.remote(first_epoch))  # where the pass starts: its epochs' file order, augmentation
         dist.barrier()
         for batch in train_shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True,
                                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                                    local_shuffle_seed=cfg.seed * 1000 + stream_pass):
+                                                    local_shuffle_seed=cfg.seed * 1000 + first_epoch):
             yield to_model_batch(batch)
 
     def val_batches():

@@ -81,8 +81,8 @@ def test_a_pass_of_several_epochs_streams_each_epoch_as_its_own_pass_would(tmp_p
     keys = crafted_shard(shard, reasons=("truncated_image", "pickle_member"))
     spec = spec_for({"train": [str(shard)]})
 
-    def images(stream_pass, epochs):  # {(epoch, sample_id): augmented image}, and the epochs in stream order
-        ds = build_dataset(spec, "train", epoch=stream_pass, balance=False, epochs=epochs)
+    def images(first_epoch, epochs):  # {(epoch, sample_id): augmented image}, and the epochs in stream order
+        ds = build_dataset(spec, "train", epoch=first_epoch, balance=False, epochs=epochs)
         out, order = {}, []
         for batch in ds.iter_batches(batch_format="numpy"):
             for epoch, sample_id, image in zip(batch["epoch"], batch["sample_id"], batch["image"]):
@@ -93,8 +93,8 @@ def test_a_pass_of_several_epochs_streams_each_epoch_as_its_own_pass_would(tmp_p
     stream, order = images(0, epochs=3)
     assert order == sorted(order) and Counter(order) == {0: 3, 1: 3, 2: 3}  # epoch after epoch, the good samples only
     assert len(keys) == 3 and len(stream) == 9
-    next_pass, _ = images(1, epochs=3)
-    assert sorted({epoch for epoch, _ in next_pass}) == [3, 4, 5]  # pass 1 continues the epoch count
+    next_pass, _ = images(3, epochs=3)
+    assert sorted({epoch for epoch, _ in next_pass}) == [3, 4, 5]  # the next pass continues the epoch count
     for epoch in range(3):  # the same images as a one-epoch pass of that epoch
         alone, _ = images(epoch, epochs=1)
         assert alone.keys() == {k for k in stream if k[0] == epoch}
