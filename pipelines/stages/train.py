@@ -42,11 +42,12 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
     model_cfg = model_config_for(cfg, spec, tokenizer)
     print(f"train: model {cfg.model.size} ({parameter_counts(CrossModalModel(model_cfg))['total']:,} parameters), "
           f"{cfg.workers} workers, ZeRO-{cfg.zero_stage} {cfg.precision}")
-    if spec.materialized.get("train") and cfg.stream_epochs != 1:
-        raise StageError(f"train.stream_epochs is {cfg.stream_epochs}: it must be 1 when prepare.materialize is true "
-                         "(a materialised split streams one epoch per pass)")
     limit_data_cpus(spec.data_cpus)
     clock = EpochClock.remote(0)
+    try:
+        train_data = build_dataset(spec, "train", epoch=clock, epochs=cfg.stream_epochs)
+    except ValueError as err:  # settings that do not fit together, e.g. stream_epochs with a materialised split
+        raise StageError(f"train: {err}") from None
     checkpoints = ctx.storage.child("ray_train")
     run_name = f"train-{ctx.identity[:16]}"
     if ctx.forced and checkpoints.exists(run_name):  # a forced re-run trains from scratch
@@ -58,7 +59,7 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
                            "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets={"train": build_dataset(spec, "train", epoch=clock, epochs=cfg.stream_epochs), "val": build_dataset(spec, "val")},
+        datasets={"train": train_data, "val": build_dataset(spec, "val")},
         run_config=RunConfig(name=run_name, storage_path=checkpoints.uri,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
