@@ -9,7 +9,12 @@ DDP. Target: ZeRO-2 within 1.15x of DDP.
 On a GPU machine (no Ray needed): --gpu runs one process on the first GPU, `base` size: a plain
 PyTorch AMP step (bf16 autocast, fused AdamW, clipping) against DeepSpeed engines in each of
 --precisions (bf16: bf16 weights; bf16-mixed: fp32 weights under autocast) and --gpu-stages,
-with samples/s and achieved TFLOP/s.
+with samples/s and achieved TFLOP/s. With --spec (a prepare stage's dataset_spec.json), the
+model is the one that data fits (`base` size at the spec's image size, audio length and
+vocabulary) and the standalone training loop (pipelines/training/standalone.py: DataLoader
+workers decoding the shards, DeepSpeed ZeRO-2 bf16, checkpoint and consolidation at the end)
+trains it for --loop-steps after the synthetic runs: its samples/s is the median of the loop's
+own logged windows after the first.
 """
 
 from __future__ import annotations
@@ -141,15 +146,49 @@ def busy(step, seconds: float, device) -> None:
           f"{syncs:.0f} device syncs per step", flush=True)
 
 
+def loop_train_config(batch: int, steps: int):
+    """The standalone loop's settings: the synthetic runs' model, objective and engine, no validation
+    or checkpoint before the end."""
+    from pipelines.training.config import TrainConfig
+
+    return TrainConfig(model={"size": "base", "image_encoder": "vit", "modality_dropout": 0.0}, zero_stage=2,
+                       precision="bf16", micro_batch=batch, max_steps=steps, warmup_steps=min(10, steps), log_every=10,
+                       val_every=steps, checkpoint_every=steps, stream_epochs=1000)
+
+
+def loop_samples_per_s(train_cfg, spec, loader_workers: int) -> float:
+    import tempfile
+
+    from pipelines.training.standalone import print_metrics, run
+
+    windows = []
+
+    def log(metrics: dict, step: int) -> None:
+        print_metrics(metrics, step)
+        if "samples_per_s" in metrics:
+            windows.append(metrics["samples_per_s"])
+
+    with tempfile.TemporaryDirectory() as out:
+        run(train_cfg, spec, Path(out), loader_workers, log)
+    return statistics.median(windows[1:] or windows)
+
+
 def gpu_benchmark(args) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     from model.config import model_config
     from model.flops import training_flops
+    from model.tokenizer import Tokenizer
+    from pipelines.training.config import model_config_for
     from pipelines.training.engine import import_deepspeed
+    from pipelines.training.standalone import read_spec
 
     import_deepspeed().init_distributed(dist_backend="nccl")
     device = torch.device("cuda")
     cfg = model_config("base")
+    if args.spec:
+        spec = read_spec(Path(args.spec))
+        train_cfg = loop_train_config(args.batch, args.loop_steps)
+        cfg = model_config_for(train_cfg, spec, Tokenizer.from_json(spec.tokenizer_json))
     results = {}
     runs = [("amp", lambda: ddp_step_fn(cfg, args.batch, "bf16", device, ddp=False))]
     runs += [(f"zero{s} {p}", lambda s=s, p=p: zero_step_fn(cfg, args.batch, p, s, 1))
@@ -170,6 +209,13 @@ def gpu_benchmark(args) -> None:
             busy(step, seconds, device)
         del step
         torch.cuda.empty_cache()
+    if args.spec:
+        rate = loop_samples_per_s(train_cfg, spec, args.loader_workers)
+        seconds = args.batch / rate
+        print(f"{'standalone loop':16} step {seconds * 1000:7.1f} ms  {rate:7.1f} samples/s  "
+              f"{flops * rate / 1e12:6.1f} TFLOP/s (vs open_clip B/16 {flops * rate / 1e12 / OPEN_CLIP_B16_H100_TFLOPS:.2f})  "
+              f"ratio to AMP {seconds / results['amp'][0]:.2f}  (real shards, {args.loader_workers} loader workers; "
+              f"TFLOP/s at the synthetic batch's FLOPs per sample)", flush=True)
     print(f"base model, batch {args.batch}, {torch.cuda.get_device_name()}, {flops / 1e9:.0f} GFLOP per sample, "
           f"median of {args.steps} steps after {args.warmup} warm-up; target: ZeRO-2 <= 1.15x AMP, >= 214 TFLOP/s")
 
@@ -188,7 +234,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="--gpu: also print kernel time against wall time per run")
     parser.add_argument("--gpu-stages", type=lambda v: [int(x) for x in v.split(",")], default=[2],
                         help="ZeRO stages to time against AMP on the GPU, e.g. 0,1,2")
+    parser.add_argument("--spec", help="--gpu: a prepare stage's dataset_spec.json; also time the standalone loop on it")
+    parser.add_argument("--loop-steps", type=int, default=60, help="--spec: optimizer steps of the standalone loop")
+    parser.add_argument("--loader-workers", type=int, default=8, help="--spec: DataLoader workers of the standalone loop")
     args = parser.parse_args()
+    from pipelines import env
+
+    env.configure()  # as every entry point: e.g. no albumentations update check from loader workers
     gpu_benchmark(args) if args.gpu else cpu_benchmark(args)
 
 

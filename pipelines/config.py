@@ -10,22 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from pipelines.configbase import Strict
+from pipelines.configfile import ConfigError, read_tree, validate_as  # noqa: F401 - ConfigError is imported from here
 from pipelines.stages.evaluate import EvaluateConfig
 from pipelines.stages.ingest import IngestConfig
 from pipelines.stages.prepare import PrepareConfig
 from pipelines.stages.shard import ShardConfig
 from pipelines.training.config import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message is a single line."""
 
 
 class StorageConfig(Strict):
@@ -79,95 +74,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: json.dumps(tree) if isinstance(tree, (list, dict)) else str(tree)}
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'shard.samples_per_shard=64' -> (['shard', 'samples_per_shard'], 64); YAML typing of the value."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ConfigError(f"--set {text}: expected section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text}: value is not valid YAML ({_first_line(err)})") from None
-    return key.strip().split("."), value
-
-
-def apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
-    node = tree
-    for depth, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            where = ".".join(path[: depth + 1])
-            raise ConfigError(f"--set {text}: {where} is a value, not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or _first_line(err)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    return data
-
-
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read, override and validate; raises ConfigError with one line on any mistake."""
-    path = Path(path)
-    tree = read_yaml(path)
-    applied: list[tuple[list[str], str]] = []
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(tree, keys, value, text)
-        applied.append((keys, text))
+    tree, applied = read_tree(path, overrides)
     return validate(tree, str(path), applied)
 
 
 def validate(tree: dict, source: str, applied: list[tuple[list[str], str]] = ()) -> PipelineConfig:
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(" ; ".join(describe(e, source, applied) for e in err.errors())) from None
-
-
-def describe(error: dict, source: str, applied) -> str:
-    loc = [str(part) for part in error["loc"]]
-    dotted = ".".join(loc) or "(top level)"
-    # An override is to blame when its key and the error's location overlap, either way round:
-    # a section-level rule (fractions summing to 1) reports the section, not the key that was set.
-    origin = next((f"--set {text}" for keys, text in reversed(applied)
-                   if loc[: len(keys)] == keys or keys[: len(loc)] == loc), source)
-    if error["type"] == "extra_forbidden":
-        allowed = allowed_keys(loc[:-1])
-        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
-        return f"{origin}: {dotted}: unknown key{hint}"
-    if error["type"] == "missing":
-        return f"{origin}: {dotted}: required key is missing"
-    given = error.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{origin}: {dotted}: {message[0].lower()}{message[1:]}{shown}"
-
-
-def allowed_keys(loc: list[str]) -> list[str]:
-    """The field names of the model at a dotted location, for 'unknown key' messages."""
-    model: Any = PipelineConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-    return sorted(getattr(model, "model_fields", {}))
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return validate_as(PipelineConfig, tree, source, applied)

@@ -207,17 +207,20 @@ def match_case(original: str, word: str) -> str:
 # -- audio -------------------------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def audio_ops(cfg: AudioAugment, rate: int) -> list[tuple[float, object]]:
+    """(probability, op) in a fixed order; an op that never runs is not built (speed and pitch need
+    librosa, which a GPU image may lack)."""
     import nlpaug.augmenter.audio as naa
 
     whole = {"zone": (0.0, 1.0), "coverage": 1.0}
-    return [
-        (cfg.p_noise, naa.NoiseAug(**whole, color="white")),
-        (cfg.p_shift, naa.ShiftAug(rate, duration=cfg.max_shift_seconds)),
-        (cfg.p_loudness, naa.LoudnessAug(**whole, factor=cfg.loudness)),
-        (cfg.p_mask, naa.MaskAug(rate, zone=(0.0, 1.0), coverage=cfg.mask_coverage, mask_with_noise=False)),
-        (cfg.p_speed, naa.SpeedAug(**whole, factor=cfg.speed)),
-        (cfg.p_pitch, naa.PitchAug(rate, **whole, factor=cfg.pitch_semitones)),
+    makers = [
+        (cfg.p_noise, lambda: naa.NoiseAug(**whole, color="white")),
+        (cfg.p_shift, lambda: naa.ShiftAug(rate, duration=cfg.max_shift_seconds)),
+        (cfg.p_loudness, lambda: naa.LoudnessAug(**whole, factor=cfg.loudness)),
+        (cfg.p_mask, lambda: naa.MaskAug(rate, zone=(0.0, 1.0), coverage=cfg.mask_coverage, mask_with_noise=False)),
+        (cfg.p_speed, lambda: naa.SpeedAug(**whole, factor=cfg.speed)),
+        (cfg.p_pitch, lambda: naa.PitchAug(rate, **whole, factor=cfg.pitch_semitones)),
     ]
+    return [(probability, make() if probability > 0 else None) for probability, make in makers]
 
 
 def augment_audio(wave: np.ndarray, valid: int, cfg: AudioAugment, rate: int, seed: int) -> tuple[np.ndarray, int]:

@@ -25,7 +25,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, FileBasedDatasource, ReadTask
 
 from pipelines.data.records import SCHEMA
-from pipelines.data.wds_reader import Rejected, read_tar
+from pipelines.data.wds_reader import as_row, read_tar
 
 ROW_SCHEMA = SCHEMA.append(pa.field("split", pa.string())) \
     .append(pa.field("reason", pa.string())) \
@@ -99,13 +99,3 @@ def read_epoch_shard(path: str, filesystem, member_limit: int, epoch: int) -> It
     with filesystem.open_input_stream(path) as f:
         for table in shard_tables(f, path, member_limit):
             yield table.append_column("epoch", pa.array(np.full(table.num_rows, epoch, np.int32)))
-
-
-def as_row(item: dict | Rejected, path: str, split: str) -> dict:
-    if isinstance(item, Rejected):
-        row = {name: None for name in SCHEMA.names}
-        row.update(key=item.key, source=path, reason=item.reason, member=item.member, detail=item.detail)
-    else:
-        row = dict(item, source=path, reason=None, member=None, detail=None)
-    row["split"] = split
-    return row

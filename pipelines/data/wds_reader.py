@@ -15,7 +15,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import IO, Iterator
 
-from pipelines.data.records import combination, empty_record, field_of, is_pickle
+from pipelines.data.records import SCHEMA, combination, empty_record, field_of, is_pickle
 
 
 @dataclass(frozen=True)
@@ -194,3 +194,14 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
         return
     if bucket:
         yield assemble(key, source, bucket, limit)
+
+
+def as_row(item: dict | Rejected, path: str, split: str) -> dict:
+    """A reader item as a row of the records schema: a rejected one keeps its reason."""
+    if isinstance(item, Rejected):
+        row = {name: None for name in SCHEMA.names}
+        row.update(key=item.key, source=path, reason=item.reason, member=item.member, detail=item.detail)
+    else:
+        row = dict(item, source=path, reason=None, member=None, detail=None)
+    row["split"] = split
+    return row

@@ -54,11 +54,12 @@ class Progress:
     history: list = field(default_factory=list)  # (step, validation metrics)
 
 
-def agreed_max(value: float) -> float:
-    """The largest of every rank's value (ranks' clocks differ slightly; decisions must not)."""
+def agreed_max(value: float, device: torch.device) -> float:
+    """The largest of every rank's value (ranks' clocks differ slightly; decisions must not). On
+    the engine's device: NCCL reduces no CPU tensors."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
 
@@ -73,7 +74,8 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
     if rank == 0:  # where this session starts: 0, or the step of the checkpoint it resumed from
         sink.log({"resumed_from_step": progress.step}, progress.step)
     drill = cfg.fault.rank == rank and cfg.fault.step is not None and progress.step == 0
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + progress.step)
+    # On the engine's device: the objective draws masks and negatives where the batch is.
+    generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1000 + rank + progress.step)
     window_start, window_samples = time.perf_counter(), 0
     session_start, before = time.perf_counter(), progress.train_seconds
     last_saved = progress.step
@@ -92,7 +94,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
             loss, parts = engine(cast_batch(batch, dtype), generator)
             engine.backward(loss)
             if cfg.max_minutes:  # one scalar all-reduce per step, only when there is a budget
-                budget.fraction = agreed_max(elapsed()) / (cfg.max_minutes * 60)
+                budget.fraction = agreed_max(elapsed(), engine.device) / (cfg.max_minutes * 60)
             engine.step()
             progress.batch_in_pass = index + 1
             progress.samples += batch["weight"].shape[0] * world

@@ -30,45 +30,55 @@ from pipelines.data.spec import DatasetSpec
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Numeric batches of one split for one rank: its shards, decoded, augmented, balanced."""
+    """Numeric batches of one split for one rank: its shards, decoded, augmented, balanced; on
+    train, `epochs` data epochs from `epoch` on in one pass (`train.stream_epochs`, as the Ray
+    stream: no DataLoader restart per epoch), each batch tagged with its epoch."""
 
-    def __init__(self, spec: DatasetSpec, split: str, rank: int, world: int, epoch: int, batch_size: int, train: bool):
+    def __init__(self, spec: DatasetSpec, split: str, rank: int, world: int, epoch: int, batch_size: int, train: bool,
+                 epochs: int = 1):
         super().__init__()
         self.spec, self.split, self.rank, self.world = spec, split, rank, world
-        self.epoch, self.batch_size, self.train = epoch, batch_size, train
+        self.epoch, self.batch_size, self.train, self.epochs = epoch, batch_size, train, epochs
 
-    def shards(self) -> list[str]:
+    def shards(self, epoch: int) -> list[str]:
         shards = list(self.spec.shards[self.split])
         if self.train:  # a different order each epoch, the same on every rank
-            random.Random(self.spec.seed * 1000 + self.epoch).shuffle(shards)
+            random.Random(self.spec.seed * 1000 + epoch).shuffle(shards)
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return shards[self.rank * workers + worker::self.world * workers]
 
     def __iter__(self):
-        from pipelines.data.datasource import as_row
-        from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch
-        from pipelines.data.wds_reader import read_tar
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            for batch in self.epoch_batches(epoch):
+                if self.train:
+                    batch["epoch"] = np.full(len(batch["weight"]), epoch, np.int32)
+                yield batch
+
+    def epoch_batches(self, epoch: int):
+        from pipelines.data.wds_reader import as_row, read_tar
         from pipelines.storage import Storage
 
         rows = []
-        for uri in self.shards():
+        for uri in self.shards(epoch):
             shard = Storage(uri)
             with shard.fs.open_input_stream(shard.path()) as stream:
                 for item in read_tar(stream, uri, self.spec.member_limit):
                     rows.append(as_row(item, uri, self.split))
                     if len(rows) == self.batch_size:
-                        yield from self._process(rows, decode_batch, keep_usable, augment_batch, balance_batch, tensor_batch)
+                        yield from self._process(rows, epoch)
                         rows = []
         if rows:
-            yield from self._process(rows, decode_batch, keep_usable, augment_batch, balance_batch, tensor_batch)
+            yield from self._process(rows, epoch)
 
-    def _process(self, rows, decode_batch, keep_usable, augment_batch, balance_batch, tensor_batch):
+    def _process(self, rows, epoch: int):
+        from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch
+
         batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
         batch = keep_usable(decode_batch(batch, self.spec.settings))
         if self.train:
-            batch = augment_batch(batch, self.spec.augment, self.spec.seed, self.epoch, self.spec.settings.sample_rate)
-            batch = balance_batch(batch, self.spec.multiplicity, self.spec.weights, self.spec.seed, self.epoch)
+            batch = augment_batch(batch, self.spec.augment, self.spec.seed, epoch, self.spec.settings.sample_rate)
+            batch = balance_batch(batch, self.spec.multiplicity, self.spec.weights, self.spec.seed, epoch)
         if len(batch["key"]):
             yield tensor_batch(batch, self.spec.tokenizer_json, tuple(self.spec.answers), self.spec.max_text_len)
 
@@ -90,12 +100,13 @@ def rebatch(chunks, size: int, drop_last: bool):
         yield {k: torch.cat(v) for k, v in pending.items()}
 
 
-def in_lockstep(batches):
-    """Stop every rank as soon as one runs out: DeepSpeed's collectives need equal step counts."""
+def in_lockstep(batches, device: torch.device):
+    """Stop every rank as soon as one runs out: DeepSpeed's collectives need equal step counts.
+    The flag lives on `device`: NCCL reduces no CPU tensors."""
     iterator = iter(batches)
     while True:
         batch = next(iterator, None)
-        flag = torch.tensor([0.0 if batch is None else 1.0])
+        flag = torch.tensor([0.0 if batch is None else 1.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() == 0:
             return
@@ -114,15 +125,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     args = parser.parse_args(argv)
 
-    from pipelines.config import load_config  # noqa: PLC0415 - after env.configure()
+    from pipelines.configfile import ConfigError, load_section  # noqa: PLC0415 - after env.configure()
+    from pipelines.training.config import TrainConfig  # noqa: PLC0415
 
-    cfg = load_config(args.config, args.overrides).train
-    spec = DatasetSpec(**json.loads(Path(args.spec).read_text()))
-    out = Path(args.out)
-    return run(cfg, spec, out, args.workers, args.tracking_uri)
+    try:  # the train section alone: the other sections' configs import Ray and MLflow
+        cfg = load_section(args.config, args.overrides, "train", TrainConfig)
+        spec = read_spec(Path(args.spec))
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
+    log = tracker_for(args.tracking_uri) if int(os.environ.get("RANK", 0)) == 0 else None
+    run(cfg, spec, Path(args.out), args.workers, log)
+    return 0
 
 
-def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, tracking_uri: str | None) -> int:
+def read_spec(path: Path) -> DatasetSpec:
+    """The prepare stage's dataset_spec.json; a missing or broken file is a one-line ConfigError."""
+    from pydantic import ValidationError
+
+    from pipelines.configfile import ConfigError
+
+    try:
+        return DatasetSpec(**json.loads(path.read_text(encoding="utf-8")))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the dataset spec ({err.strerror or err})") from None
+    except (ValueError, TypeError) as err:  # bad JSON, or fields that are not a prepare stage's spec
+        first = err.errors()[0] if isinstance(err, ValidationError) else None
+        detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not a dataset spec written by the prepare stage ({detail})") from None
+
+
+def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
+    """Train, consolidate and save; returns the loop's progress. `log(metrics, step)` gets rank 0's
+    metrics (None: printed)."""
     from model.io import SavedModel, save
     from model.multimodal import CrossModalModel
     from model.tokenizer import Tokenizer
@@ -144,10 +178,11 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, tracking_uri: st
     checkpoints = out / "checkpoints"
 
     def loader(split, epoch, train_split):
-        stream = ShardStream(spec, split, rank, world, epoch, spec.batch_size, train_split)
+        epochs = cfg.stream_epochs if train_split else 1
+        stream = ShardStream(spec, split, rank, world, epoch, spec.batch_size, train_split, epochs)
         chunks = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers)
         size = cfg.micro_batch if train_split else 64
-        return in_lockstep(to_model_batch(b, device) for b in rebatch(chunks, size, drop_last=train_split))
+        return in_lockstep((to_model_batch(b, device) for b in rebatch(chunks, size, drop_last=train_split)), device)
 
     def save_checkpoint(folder: Path, metrics: dict) -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -157,10 +192,8 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, tracking_uri: st
     def latest():
         return checkpoints if (checkpoints / "latest").exists() else None
 
-    tracker = tracker_for(tracking_uri) if rank == 0 else None
-    sink = Sink(log=tracker or (lambda metrics, step: print(f"step {step}: " + ", ".join(
-        f"{k} {v:.4g}" for k, v in sorted(metrics.items())), flush=True)) if rank == 0 else (lambda m, s: None),
-        save=save_checkpoint, latest=latest)
+    sink = Sink(log=(log or print_metrics) if rank == 0 else (lambda metrics, step: None),
+                save=save_checkpoint, latest=latest)
     data = Data(lambda epoch: loader("train", epoch, True), lambda: loader("val", 0, False) if "val" in spec.shards else None)
     progress = train(model, cfg, data, sink, rank, world)
     dist.barrier()
@@ -170,7 +203,11 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, tracking_uri: st
         print(f"standalone: {progress.step} steps, {progress.samples} samples in {progress.train_seconds:.1f} s; "
               f"model in {out / 'model'}", flush=True)
     dist.barrier()
-    return 0
+    return progress
+
+
+def print_metrics(metrics: dict, step: int) -> None:
+    print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())), flush=True)
 
 
 def tracker_for(uri: str | None):

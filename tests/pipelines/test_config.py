@@ -124,3 +124,19 @@ def test_flatten_for_mlflow_params():
 def test_section_rule_broken_by_an_override_names_the_override():
     message = error_of(DEMO_CONFIG, ["shard.splits.train=0.5"])
     assert message.startswith("--set shard.splits.train=0.5: shard.splits: split fractions must sum to 1")
+
+
+def test_one_section_loads_alone_and_its_errors_name_the_full_key(tmp_path):
+    from pipelines.configfile import load_section
+    from pipelines.training.config import TrainConfig
+
+    train = load_section(DEMO_CONFIG, ["train.micro_batch=8"], "train", TrainConfig)
+    assert (train.micro_batch, train.zero_stage) == (8, load_config(DEMO_CONFIG).train.zero_stage)
+    path = write(tmp_path, "name: x\ntrain:\n  micro_bach: 8\n")
+    with pytest.raises(ConfigError) as caught:
+        load_section(path, [], "train", TrainConfig)
+    assert str(caught.value).startswith(f"{path}: train.micro_bach: unknown key (allowed here: ")
+    with pytest.raises(ConfigError, match=r"^--set train.zero_stage=5: train.zero_stage: input should be less"):
+        load_section(DEMO_CONFIG, ["train.zero_stage=5"], "train", TrainConfig)
+    with pytest.raises(ConfigError, match=r"^--set shard.samples_per_shard=3: only train\.\* keys apply here$"):
+        load_section(DEMO_CONFIG, ["shard.samples_per_shard=3"], "train", TrainConfig)

@@ -7,6 +7,7 @@ runs the pipeline again with its own train settings (the data stages are reused 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,18 +174,25 @@ def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
 
 
 def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
-    """No Ray: torchrun starts 2 processes that read the prepared shards themselves."""
+    """No Ray, no MLflow, no webdataset installed (a GPU machine's image): torchrun starts 2
+    processes that read the prepared shards themselves."""
+    import os
     import subprocess
     import sys
 
     from tests.conftest import REPO, free_port
 
+    absent = tmp_path / "absent"
+    for name in ("ray", "mlflow", "webdataset"):  # importing any of them fails as if not installed
+        (absent / name).mkdir(parents=True)
+        (absent / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(absent), str(REPO)])}
     spec = Storage(demo_root.joinpath("spec").read_text()).child("dataset_spec.json").path()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "pipelines.training.standalone", "--spec", spec, "--config", str(DEMO_CONFIG),
                "--out", str(tmp_path / "out"), "--workers", "0",
                *[f"--set={o}" for o in TINY + ["train.max_steps=6", "train.checkpoint_every=3", "train.val_every=3"]]]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logged = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert any(line.startswith("step 6:") and "loss.total" in line for line in logged), done.stdout[-2000:]
@@ -192,3 +200,21 @@ def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "step6").is_dir()
     saved = load(tmp_path / "out" / "model")
     assert saved.extra["steps"] == 6
+
+
+def test_a_standalone_pass_of_two_epochs_reads_each_as_a_pass_of_one_would(demo_root):
+    """`train.stream_epochs` without Ray: one DataLoader pass over epochs 3 and 4, each batch tagged."""
+    from pipelines.training.standalone import ShardStream, read_spec
+
+    spec = read_spec(Path(Storage(demo_root.joinpath("spec").read_text()).child("dataset_spec.json").path()))
+
+    def rows(epoch: int, epochs: int) -> list[tuple[int, int, float]]:
+        stream = ShardStream(spec, "train", rank=0, world=1, epoch=epoch, batch_size=64, train=True, epochs=epochs)
+        return [(int(e), int(i), round(float(x), 4)) for b in stream
+                for e, i, x in zip(b["epoch"], b["sample_id"], b["image"].reshape(len(b["epoch"]), -1).sum(1))]
+
+    both = rows(3, 2)
+    assert both == rows(3, 1) + rows(4, 1)
+    third, fourth = [r for r in both if r[0] == 3], [r for r in both if r[0] == 4]
+    assert len(third) > 400 and {r[0] for r in both} == {3, 4}
+    assert [r[1] for r in third] != [r[1] for r in fourth]  # each epoch its own shard order and augmentation
