@@ -14,6 +14,7 @@ import torch
 def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
     from model.config import ModelConfig
@@ -33,6 +34,10 @@ def train_loop_per_worker(config: dict) -> None:
     model = CrossModalModel(ModelConfig.from_dict(config["model"]))
     clock = config["clock"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    # Batches come to the host (pinned when a GPU takes them) and to_model_batch moves them: text
+    # is trimmed on the host, so reading its length never waits for the GPU's previous step.
+    device = ray.train.torch.get_device()
+    host = {"device": "cpu", "pin_memory": device.type == "cuda"}
 
     def train_epoch(first_epoch: int):
         if rank == 0:
@@ -40,12 +45,12 @@ def train_loop_per_worker(config: dict) -> None:
         dist.barrier()
         for batch in train_shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True,
                                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                                    local_shuffle_seed=cfg.seed * 1000 + first_epoch):
-            yield to_model_batch(batch)
+                                                    local_shuffle_seed=cfg.seed * 1000 + first_epoch, **host):
+            yield to_model_batch(batch, device)
 
     def val_batches():
-        for batch in val_shard.iter_torch_batches(batch_size=64):
-            yield to_model_batch(batch)
+        for batch in val_shard.iter_torch_batches(batch_size=64, **host):
+            yield to_model_batch(batch, device)
 
     tracker = MlflowSink(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     sink = Sink(log=tracker.log if tracker else lambda metrics, step: None, save=report, latest=restore_latest,

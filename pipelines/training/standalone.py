@@ -84,20 +84,40 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def rebatch(chunks, size: int, drop_last: bool):
-    """Processed chunks of any length -> batches of exactly `size` rows."""
-    pending: dict[str, list] = {}
+    """Processed chunks of any length -> batches of exactly `size` rows, each in storage of its
+    own (a view into a bigger tensor would carry all of it through the DataLoader's queue)."""
+    pending: list[dict[str, torch.Tensor]] = []
     count = 0
     for chunk in chunks:
-        for name, values in chunk.items():
-            pending.setdefault(name, []).append(torch.as_tensor(values))
-        count += len(chunk["weight"])
+        pending.append({name: torch.as_tensor(values) for name, values in chunk.items()})
+        count += len(pending[-1]["weight"])
         while count >= size:
-            joined = {k: torch.cat(v) for k, v in pending.items()}
-            yield {k: v[:size] for k, v in joined.items()}
-            pending = {k: [v[size:]] for k, v in joined.items()}
+            taken, need = [], size
+            while need:
+                rows = len(pending[0]["weight"])
+                if rows <= need:
+                    taken.append(pending.pop(0))
+                    need -= rows
+                else:
+                    taken.append({k: v[:need] for k, v in pending[0].items()})
+                    pending[0] = {k: v[need:] for k, v in pending[0].items()}
+                    need = 0
+            yield {k: torch.cat([part[k] for part in taken]) for k in taken[0]}
             count -= size
     if count and not drop_last:
-        yield {k: torch.cat(v) for k, v in pending.items()}
+        yield {k: torch.cat([part[k] for part in pending]) for k in pending[0]}
+
+
+class MicroBatches(torch.utils.data.IterableDataset):
+    """A ShardStream cut into micro-batches inside each DataLoader worker: the training process
+    only receives finished batches (it joined 32-row chunks itself before, serially with the step)."""
+
+    def __init__(self, stream: ShardStream, size: int):
+        super().__init__()
+        self.stream, self.size = stream, size
+
+    def __iter__(self):
+        return rebatch(iter(self.stream), self.size, drop_last=self.stream.train)
 
 
 def in_lockstep(batches, device: torch.device):
@@ -180,9 +200,12 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
     def loader(split, epoch, train_split):
         epochs = cfg.stream_epochs if train_split else 1
         stream = ShardStream(spec, split, rank, world, epoch, spec.batch_size, train_split, epochs)
-        chunks = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=loader_workers)
-        size = cfg.micro_batch if train_split else 64
-        return in_lockstep((to_model_batch(b, device) for b in rebatch(chunks, size, drop_last=train_split)), device)
+        batches = MicroBatches(stream, cfg.micro_batch if train_split else 64)
+        # Pinned host memory (filled by the DataLoader's own thread) makes the copy to the GPU
+        # asynchronous: the next batch moves while this step runs.
+        loaded = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=loader_workers,
+                                             pin_memory=device.type == "cuda")
+        return in_lockstep((to_model_batch(b, device) for b in loaded), device)
 
     def save_checkpoint(folder: Path, metrics: dict) -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)

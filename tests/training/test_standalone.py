@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from pipelines.training.standalone import main
 from tests.conftest import DEMO_CONFIG
@@ -40,3 +42,40 @@ def test_overrides_are_checked_against_the_train_section_only(capsys, tmp_path):
     assert error_of(capsys, tmp_path, spec, "prepare.seed=1") == f"{PROG}: --set prepare.seed=1: only train.* keys apply here"
     assert error_of(capsys, tmp_path, spec, "train.precision=fp8").startswith(
         f"{PROG}: --set train.precision=fp8: train.precision: input should be ")
+
+
+def chunk(first: int, rows: int) -> dict:
+    ids = np.arange(first, first + rows)
+    return {"sample_id": ids, "weight": np.ones(rows, np.float32), "image": np.tile(ids[:, None], (1, 3)).astype(np.uint8)}
+
+
+@pytest.mark.parametrize("drop_last, sizes", [(True, [4, 4, 4]), (False, [4, 4, 4, 1])])
+def test_rebatch_cuts_chunks_of_any_length_into_exact_batches_in_order(drop_last, sizes):
+    from pipelines.training.standalone import rebatch
+
+    chunks = [chunk(0, 3), chunk(3, 6), chunk(9, 1), chunk(10, 3)]
+    batches = list(rebatch(iter(chunks), 4, drop_last))
+    assert [len(b["weight"]) for b in batches] == sizes
+    assert torch.cat([b["sample_id"] for b in batches]).tolist() == list(range(sum(sizes)))
+    assert all(torch.equal(b["image"][:, 0], b["sample_id"].to(torch.uint8)) for b in batches)
+    # Each batch owns its storage: no view into a joined tensor travels through a worker queue.
+    assert all(b["image"].untyped_storage().nbytes() == b["image"].numel() for b in batches)
+
+
+def test_loader_workers_hand_over_the_micro_batches_the_stream_would_give_in_process():
+    from pipelines.training.standalone import MicroBatches
+
+    class Chunks(torch.utils.data.IterableDataset):
+        train = True
+
+        def __iter__(self):  # each worker its own chunks, as ShardStream splits shards
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info else 0
+            return iter([chunk(100 * worker + 10 * i, 5) for i in range(3)])
+
+    def rows(workers: int) -> list[list[int]]:
+        loader = torch.utils.data.DataLoader(MicroBatches(Chunks(), 4), batch_size=None, num_workers=workers)
+        return sorted(b["sample_id"].tolist() for b in loader)
+
+    assert rows(0) == [[0, 1, 2, 3], [4, 10, 11, 12], [13, 14, 20, 21]]
+    assert rows(2) == sorted(rows(0) + [[i + 100 for i in r] for r in rows(0)])
