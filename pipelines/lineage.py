@@ -160,6 +160,14 @@ class Lineage:
             return None
         return StageRecord(runs[0].info.run_id, runs[0].data.tags["crossmodal.output_uri"])
 
+    def latest_finished(self, stage: str):
+        """The latest finished run of a stage, whatever its identity (to say what differs now)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`crossmodal.stage` = '{stage}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        return runs[0] if runs else None
+
     def finish_stage(self, run_id: str, state: str, output_uri: str, metrics: dict[str, float],
                      tables: dict[str, list[dict]], result: dict, seconds: float,
                      artifacts: dict[str, str] | None = None) -> None:

@@ -105,6 +105,26 @@ def finished_result(lineage: Lineage, ident: str) -> tuple[str, str, StageResult
     return record.run_id, record.output_uri, StageResult.from_json(marker["result"])
 
 
+def why_new(previous, tags: dict[str, str], params: dict[str, str]) -> str:
+    """What differs from the stage's latest finished run (an MLflow run, or None): its config,
+    its code or its inputs; else what the identity holds beyond them."""
+    if previous is None:
+        return "it never finished in this experiment"
+    since = f"since run {previous.info.run_id[:8]}"
+    before = previous.data.params
+    changed = [key for key in sorted(set(before) | set(params)) if before.get(key) != params.get(key)]
+    if changed:
+        shown = ", ".join(f"{key} {before.get(key, '(unset)')} -> {params.get(key, '(unset)')}" for key in changed[:3])
+        return f"its config changed {since}: {shown}" + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    if previous.data.tags.get("crossmodal.code_version") != tags.get("crossmodal.code_version"):
+        return f"its code changed {since}"
+    inputs = [key.split(".")[2] for key in sorted(tags) if key.startswith("crossmodal.input.")
+              and previous.data.tags.get(key) != tags[key]]
+    if inputs:
+        return f"its input from {', '.join(sorted(set(inputs)))} changed {since}"
+    return f"its external data or storage root changed {since}"
+
+
 def describe_failure(err: BaseException) -> tuple[str, str]:
     """(one line for the user, full details for the error artifact)."""
     cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None else err
@@ -188,8 +208,9 @@ class Pipeline:
             self.echo(f"[{stage.name}] reused run {prior_run} (same identity {ident[:12]}) -> {output_uri}")
             return StageOutcome(stage.name, "reused", run_id, 0.0, output_uri)
         if stage.name not in self.chosen:
-            message = (f"stage '{stage.name}' has no finished run with identity {ident[:12]} and is not selected; "
-                       f"the selected stages need it: run it too")
+            reason = why_new(lineage.latest_finished(stage.name), tags, params)
+            message = (f"stage '{stage.name}' has no finished run with identity {ident[:12]} ({reason}) and is not "
+                       f"selected; the selected stages need it: run it too")
             run_id = lineage.start_stage(parent, stage.name, ident, tags, params)
             lineage.fail_stage(run_id, message, message)
             self.echo(f"[{stage.name}] {message}")

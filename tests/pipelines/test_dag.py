@@ -79,3 +79,23 @@ def test_identity_follows_config_inputs_code_and_storage():
     other = load_config(DEMO_CONFIG, ["ingest.demo.seed=5"])
     assert identity(shard, other.shard, {"ingest": "i1"}, "file:///r") == base
     assert identity(ingest, other.ingest, {}, "file:///r") != identity(ingest, cfg.ingest, {}, "file:///r")
+
+
+@pytest.mark.parametrize("tags, params, reason", [
+    ({"crossmodal.code_version": "b"}, {"shard.x": "1"}, "its code changed since run abcdef12"),
+    ({"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u2"}, {"shard.x": "1"},
+     "its input from ingest changed since run abcdef12"),
+    ({"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u1"}, {"shard.x": "1"},
+     "its external data or storage root changed since run abcdef12"),
+    ({"crossmodal.code_version": "b"}, {"shard.x": "2", "shard.y": "3"},
+     "its config changed since run abcdef12: shard.x 1 -> 2, shard.y (unset) -> 3"),
+])
+def test_why_a_stage_needs_a_new_run(tags, params, reason):
+    from types import SimpleNamespace
+
+    from pipelines.runner import why_new
+
+    previous = SimpleNamespace(info=SimpleNamespace(run_id="abcdef1234"), data=SimpleNamespace(
+        params={"shard.x": "1"}, tags={"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u1"}))
+    assert why_new(previous, tags, params) == reason
+    assert why_new(None, tags, params) == "it never finished in this experiment"

@@ -170,3 +170,14 @@ def test_a_driver_error_between_stages_fails_the_pipeline_and_closes_its_runs(de
     assert children["first"].info.status == "FINISHED"
     assert children["second"].info.status == "FAILED"
     assert children["second"].data.tags["crossmodal.error"] == "OSError: tracking store went away"
+
+
+def test_a_stage_that_must_rerun_but_is_not_selected_says_what_changed(demo_config, ray_cluster, tmp_path):
+    from pipelines.config import load_config
+
+    finished = run(demo_config)
+    previous = stage_runs(finished)["first"].info.run_id[:8]
+    changed = load_config(DEMO_CONFIG, small_overrides(tmp_path) + ["ingest.demo.seed=5"])
+    outcome = run(changed, only=["second"])
+    assert outcome.status == "FAILED" and states(outcome) == {"first": "failed", "second": "skipped"}
+    assert f"(its config changed since run {previous}: ingest.demo.seed 0 -> 5) and is not selected" in outcome.failure.error
