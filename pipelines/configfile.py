@@ -40,10 +40,10 @@ def validate_as(model: type[BaseModel], tree: Any, source: str, applied=(), pref
 def load_section(path: str | os.PathLike, overrides: list[str] | tuple[str, ...], section: str,
                  model: type[BaseModel]):
     """One top-level section of a pipeline config; overrides of other sections are errors."""
-    for text in overrides:
-        if text.partition("=")[0].strip().split(".")[0] != section:
-            raise ConfigError(f"--set {text}: only {section}.* keys apply here")
     tree, applied = read_tree(path, overrides)
+    for keys, text in applied:
+        if keys[0] != section:
+            raise ConfigError(f"--set {text}: only {section}.* keys apply here")
     return validate_as(model, tree.get(section) or {}, str(path), applied, (section,))
 
 

@@ -30,8 +30,8 @@ def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device | str | 
         if f"{name}_ids" not in batch:  # negatives: training batches only
             continue
         ids = batch[f"{name}_ids"].long()
-        ids = trim(ids.flatten(0, 1) if ids.dim() == 3 else ids)  # negatives: (rows, count, tokens)
-        out[f"{name}_ids"], out[f"{name}_mask"] = move(ids), move(ids != PAD)
+        ids = move(trim(ids.flatten(0, 1) if ids.dim() == 3 else ids))  # negatives: (rows, count, tokens)
+        out[f"{name}_ids"], out[f"{name}_mask"] = ids, ids != PAD
     out["answer_label"] = move(batch["answer_label"]).long()
     out["image"] = (move(batch["image"]).permute(0, 3, 1, 2).float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
     audio = move(batch["audio"]).float()

@@ -54,13 +54,21 @@ class Progress:
     history: list = field(default_factory=list)  # (step, validation metrics)
 
 
-def agreed_max(value: float, device: torch.device) -> float:
-    """The largest of every rank's value (ranks' clocks differ slightly; decisions must not). On
-    the engine's device: NCCL reduces no CPU tensors."""
-    if not (dist.is_available() and dist.is_initialized()):
+def control_group():
+    """A gloo group for the loop's own small agreements (the time budget, who ran out of data):
+    a CPU reduce there never waits for the GPU's queued work, as one over NCCL would (NCCL also
+    reduces no CPU tensors). None when there is no one to agree with."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def agreed_max(value: float, group) -> float:
+    """The largest of every rank's value (ranks' clocks differ slightly; decisions must not)."""
+    if group is None:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return float(tensor.item())
 
 
@@ -74,6 +82,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
     if rank == 0:  # where this session starts: 0, or the step of the checkpoint it resumed from
         sink.log({"resumed_from_step": progress.step}, progress.step)
     drill = cfg.fault.rank == rank and cfg.fault.step is not None and progress.step == 0
+    control = control_group()
     # On the engine's device: the objective draws masks and negatives where the batch is.
     generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1000 + rank + progress.step)
     window_start, window_samples = time.perf_counter(), 0
@@ -94,7 +103,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
             loss, parts = engine(cast_batch(batch, dtype), generator)
             engine.backward(loss)
             if cfg.max_minutes:  # one scalar all-reduce per step, only when there is a budget
-                budget.fraction = agreed_max(elapsed(), engine.device) / (cfg.max_minutes * 60)
+                budget.fraction = agreed_max(elapsed(), control) / (cfg.max_minutes * 60)
             engine.step()
             progress.batch_in_pass = index + 1
             progress.samples += batch["weight"].shape[0] * world

@@ -120,17 +120,21 @@ class MicroBatches(torch.utils.data.IterableDataset):
         return rebatch(iter(self.stream), self.size, drop_last=self.stream.train)
 
 
-def in_lockstep(batches, device: torch.device):
+def in_lockstep(batches, group):
     """Stop every rank as soon as one runs out: DeepSpeed's collectives need equal step counts.
-    The flag lives on `device`: NCCL reduces no CPU tensors."""
-    iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        flag = torch.tensor([0.0 if batch is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() == 0:
+    `group`: the loop's gloo control group (None: one rank, nothing to agree on)."""
+    for batch in batches:
+        if group is not None and not agree(1.0, group):
             return
         yield batch
+    if group is not None:
+        agree(0.0, group)  # this rank ran out: tell the others, who are waiting at their next batch
+
+
+def agree(flag: float, group) -> bool:
+    tensor = torch.tensor([flag])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
+    return tensor.item() == 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +187,7 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
     from pipelines.data.collate import to_model_batch
     from pipelines.training.config import model_config_for
     from pipelines.training.engine import consolidate, import_deepspeed
-    from pipelines.training.loop import Data, Sink, train
+    from pipelines.training.loop import Data, Sink, control_group, train
 
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -196,6 +200,7 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
     model = CrossModalModel(model_cfg)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     checkpoints = out / "checkpoints"
+    control = control_group()
 
     def loader(split, epoch, train_split):
         epochs = cfg.stream_epochs if train_split else 1
@@ -205,7 +210,7 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
         # asynchronous: the next batch moves while this step runs.
         loaded = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=loader_workers,
                                              pin_memory=device.type == "cuda")
-        return in_lockstep((to_model_batch(b, device) for b in loaded), device)
+        return in_lockstep((to_model_batch(b, device) for b in loaded), control)
 
     def save_checkpoint(folder: Path, metrics: dict) -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,35 @@ def test_loader_workers_hand_over_the_micro_batches_the_stream_would_give_in_pro
 
     assert rows(0) == [[0, 1, 2, 3], [4, 10, 11, 12], [13, 14, 20, 21]]
     assert rows(2) == sorted(rows(0) + [[i + 100 for i in r] for r in rows(0)])
+
+
+def agree_worker(rank: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from pipelines.training.loop import agreed_max, control_group
+    from pipelines.training.standalone import in_lockstep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    group = control_group()
+    taken = [list(in_lockstep(iter(range(3 + 2 * rank)), group)) for _ in range(2)]  # rank 1 has 2 more
+    clock = agreed_max(10.0 + rank, group)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"taken": taken, "clock": clock}, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_clock_and_stop_together_on_a_cpu_control_group(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    mp.spawn(agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"taken": [[0, 1, 2], [0, 1, 2]], "clock": 11.0}  # twice: the group stays usable
