@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipelines  # noqa: E402,F401  (project environment first)
+import pipelines  # noqa: F401  (project environment first)
 
 
 class PeakRSS:
@@ -81,6 +81,7 @@ def my_children_and_me() -> list[int]:
             return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me
         except (OSError, IndexError):
             return False
+
     return [me] + processes(child)
 
 
@@ -89,8 +90,15 @@ def make_shards(root: Path, samples: int):
     from pipelines.runner import run_pipeline
 
     demo = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "demo.yaml"
-    cfg = load_config(demo, [f"storage.root={root / 'storage'}", f"mlflow.local_store={root / 'runs'}",
-                             f"ingest.demo.num_samples={samples}", "shard.splits={train: 1.0}"])
+    cfg = load_config(
+        demo,
+        [
+            f"storage.root={root / 'storage'}",
+            f"mlflow.local_store={root / 'runs'}",
+            f"ingest.demo.num_samples={samples}",
+            "shard.splits={train: 1.0}",
+        ],
+    )
     outcome = run_pipeline(cfg, echo=lambda line: None)
     assert outcome.status == "FINISHED", outcome.failure
     return outcome.by_name()["prepare"].output_uri
@@ -114,8 +122,10 @@ def ray_pipeline(spec, epochs: int) -> tuple[float, int, list[float]]:
     from pipelines.data.dataset import build_dataset
 
     def one_epoch(epoch):
-        return sum(len(batch["weight"]) for batch in
-                   build_dataset(spec, "train", epoch=epoch).iter_batches(batch_size=32, batch_format="numpy"))
+        return sum(
+            len(batch["weight"])
+            for batch in build_dataset(spec, "train", epoch=epoch).iter_batches(batch_size=32, batch_format="numpy")
+        )
 
     return timed_epochs(one_epoch, epochs)
 
@@ -134,8 +144,16 @@ def dataloader_pipeline(spec, workers: int, epochs: int) -> tuple[float, int, li
     def record(sample):
         image_ext = next((e for e in ("jpg", "png", "webp") if e in sample), None)
         audio_ext = next((e for e in ("wav", "flac") if e in sample), None)
-        return {"key": sample["__key__"], "image": sample.get(image_ext), "image_ext": image_ext, "text": sample.get("txt"),
-                "audio": sample.get(audio_ext), "audio_ext": audio_ext, "json": sample.get("json"), "cls": sample.get("cls")}
+        return {
+            "key": sample["__key__"],
+            "image": sample.get(image_ext),
+            "image_ext": image_ext,
+            "text": sample.get("txt"),
+            "audio": sample.get(audio_ext),
+            "audio_ext": audio_ext,
+            "json": sample.get("json"),
+            "cls": sample.get("cls"),
+        }
 
     def decode(sample):
         return dict(decode_row(record(sample), settings), key=sample["__key__"])
@@ -145,16 +163,23 @@ def dataloader_pipeline(spec, workers: int, epochs: int) -> tuple[float, int, li
         for name in rows[0]:
             values = [r[name] for r in rows]
             out[name] = np.stack(values) if isinstance(values[0], np.ndarray) else np.array(values, dtype=object)
-        out["has_image"], out["has_text"], out["has_audio"] = (out[n].astype(bool) for n in ("has_image", "has_text", "has_audio"))
+        out["has_image"], out["has_text"], out["has_audio"] = (
+            out[n].astype(bool) for n in ("has_image", "has_text", "has_audio")
+        )
         out["audio_len"] = out["audio_len"].astype(np.int32)
         return out
 
     def make_loader(epoch):
-        pipeline = (wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                   workersplitter=wds.split_by_worker)
-                    .map(decode).select(lambda row: not row["reason"]).batched(32, collation_fn=collate)
-                    .map(lambda b: augment_batch(b, spec.augment, spec.seed, epoch, settings.sample_rate))
-                    .map(lambda b: tensor_batch(b, spec.tokenizer_json, tuple(spec.answers), spec.max_text_len)))
+        pipeline = (
+            wds.WebDataset(
+                urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=wds.split_by_worker
+            )
+            .map(decode)
+            .select(lambda row: not row["reason"])
+            .batched(32, collation_fn=collate)
+            .map(lambda b: augment_batch(b, spec.augment, spec.seed, epoch, settings.sample_rate))
+            .map(lambda b: tensor_batch(b, spec.tokenizer_json, tuple(spec.answers), spec.max_text_len))
+        )
         return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False)
 
     def one_epoch(epoch):
@@ -184,12 +209,18 @@ def main() -> None:
         ray.shutdown()
         with PeakRSS(my_children_and_me) as loader_memory:
             loader_rate, loader_count, loader_times = dataloader_pipeline(spec, args.workers, args.epochs)
-    print(f"shards: {args.samples} demo samples (small demo config), {args.workers} worker processes, "
-          f"{args.epochs} timed epochs after a warm-up")
-    print(f"ray data (decode + augment + balance): {ray_rate:8.1f} samples/s  ({ray_count} samples), "
-          f"peak RSS {ray_memory.peak / 2**20:,.0f} MiB, epochs {', '.join(f'{t:.1f}' for t in ray_times)} s")
-    print(f"webdataset + DataLoader (decode + augment): {loader_rate:8.1f} samples/s  ({loader_count} samples), "
-          f"peak RSS {loader_memory.peak / 2**20:,.0f} MiB, epochs {', '.join(f'{t:.1f}' for t in loader_times)} s")
+    print(
+        f"shards: {args.samples} demo samples (small demo config), {args.workers} worker processes, "
+        f"{args.epochs} timed epochs after a warm-up"
+    )
+    print(
+        f"ray data (decode + augment + balance): {ray_rate:8.1f} samples/s  ({ray_count} samples), "
+        f"peak RSS {ray_memory.peak / 2**20:,.0f} MiB, epochs {', '.join(f'{t:.1f}' for t in ray_times)} s"
+    )
+    print(
+        f"webdataset + DataLoader (decode + augment): {loader_rate:8.1f} samples/s  ({loader_count} samples), "
+        f"peak RSS {loader_memory.peak / 2**20:,.0f} MiB, epochs {', '.join(f'{t:.1f}' for t in loader_times)} s"
+    )
     print(f"ratio ray data / DataLoader: {ray_rate / loader_rate:.2f}  (target >= 1.0)")
 
 

@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import model_config  # noqa: E402
-from model.flops import training_flops  # noqa: E402
-from model.multimodal import CrossModalModel, parameter_counts  # noqa: E402
-from model.synthetic import synthetic_batch as model_synthetic_batch  # noqa: E402
-from model.objectives import MultiTaskObjective  # noqa: E402
+from model.config import model_config
+from model.flops import training_flops
+from model.multimodal import CrossModalModel, parameter_counts
+from model.objectives import MultiTaskObjective
+from model.synthetic import synthetic_batch as model_synthetic_batch
 
 OPEN_CLIP_B16_H100_TFLOPS = 214.0
 DEFAULT_BATCH = {"cpu": {"tiny": 32, "small": 16, "base": 2}, "cuda": {"tiny": 256, "small": 256, "base": 128}}
@@ -46,7 +46,7 @@ def matmul_flops_per_s(device, dtype, n: int) -> float:
     for _ in range(repeats):
         a @ b
     sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def sync(device) -> None:
@@ -81,9 +81,16 @@ def bench_size(size: str, batch: int, steps: int, device, dtype) -> dict:
     sync(device)
     seconds = (time.perf_counter() - start) / steps
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"size": size, "params": parameter_counts(model)["total"], "batch": batch, "step_s": seconds,
-            "samples_s": batch / seconds, "gflop_sample": flops / 1e9, "tflops": flops * batch / seconds / 1e12,
-            "memory_gib": memory}
+    return {
+        "size": size,
+        "params": parameter_counts(model)["total"],
+        "batch": batch,
+        "step_s": seconds,
+        "samples_s": batch / seconds,
+        "gflop_sample": flops / 1e9,
+        "tflops": flops * batch / seconds / 1e12,
+        "memory_gib": memory,
+    }
 
 
 def main() -> None:
@@ -97,15 +104,21 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     baseline = matmul_flops_per_s(device, dtype, 8192 if device.type == "cuda" else 1024) / 1e12
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
-          f" dtype {dtype}, baseline: plain {dtype} matmul {baseline:.3f} TFLOP/s")
-    print(f"{'size':6} {'params':>12} {'batch':>5} {'step s':>8} {'samples/s':>10} {'GFLOP/sample':>13} "
-          f"{'TFLOP/s':>9} {'vs matmul':>9} {'mem GiB':>8}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
+        f" dtype {dtype}, baseline: plain {dtype} matmul {baseline:.3f} TFLOP/s"
+    )
+    print(
+        f"{'size':6} {'params':>12} {'batch':>5} {'step s':>8} {'samples/s':>10} {'GFLOP/sample':>13} "
+        f"{'TFLOP/s':>9} {'vs matmul':>9} {'mem GiB':>8}"
+    )
     for size in args.sizes.split(","):
         batch = args.batch or DEFAULT_BATCH[device.type][size]
         r = bench_size(size, batch, args.steps, device, dtype)
-        line = (f"{r['size']:6} {r['params']:>12,} {r['batch']:>5} {r['step_s']:>8.3f} {r['samples_s']:>10.1f} "
-                f"{r['gflop_sample']:>13.2f} {r['tflops']:>9.4f} {r['tflops'] / baseline:>9.3f} {r['memory_gib']:>8.2f}")
+        line = (
+            f"{r['size']:6} {r['params']:>12,} {r['batch']:>5} {r['step_s']:>8.3f} {r['samples_s']:>10.1f} "
+            f"{r['gflop_sample']:>13.2f} {r['tflops']:>9.4f} {r['tflops'] / baseline:>9.3f} {r['memory_gib']:>8.2f}"
+        )
         if device.type == "cuda":
             line += f"  vs open_clip B/16 on H100: {r['tflops'] / OPEN_CLIP_B16_H100_TFLOPS:.3f}"
         print(line, flush=True)

@@ -78,6 +78,7 @@ def ddp_step_fn(model_cfg, batch_size, precision, device, ddp: bool = True):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
+
     return step
 
 
@@ -95,12 +96,19 @@ def zero_step_fn(model_cfg, batch_size, precision, stage, world):
         loss, _ = engine(data)
         engine.backward(loss)
         engine.step()
+
     return step
 
 
 def worker(rank: int, world: int, args, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(args.port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(args.port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from model.config import model_config
     from pipelines.training.engine import import_deepspeed
@@ -123,8 +131,10 @@ def cpu_benchmark(args) -> None:
     results = manager.dict()
     mp.spawn(worker, args=(2, args, results), nprocs=2, join=True)
     ddp = results["ddp"]
-    print(f"{args.size} model, 2 CPU workers (gloo, 1 thread each), micro-batch {args.batch}/worker, {args.precision}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"{args.size} model, 2 CPU workers (gloo, 1 thread each), micro-batch {args.batch}/worker, {args.precision}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
     for name in ("ddp", "zero1", "zero2", "zero3"):
         print(f"{name:6} step {results[name] * 1000:8.1f} ms   ratio to DDP {results[name] / ddp:5.2f}")
     print(f"ZeRO-2 / DDP = {results['zero2'] / ddp:.2f} (target <= 1.15)")
@@ -142,8 +152,11 @@ def busy(step, seconds: float, device) -> None:
     events = prof.key_averages()
     kernel = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 2e6
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")) / 2
-    print(f"{'':16} GPU kernels {kernel * 1000:.1f} ms per step (busy {kernel / seconds:.2f} of the step), "
-          f"{syncs:.0f} device syncs per step", flush=True)
+    print(
+        f"{'':16} GPU kernels {kernel * 1000:.1f} ms per step (busy {kernel / seconds:.2f} of the step), "
+        f"{syncs:.0f} device syncs per step",
+        flush=True,
+    )
 
 
 def loop_train_config(batch: int, steps: int):
@@ -151,9 +164,18 @@ def loop_train_config(batch: int, steps: int):
     or checkpoint before the end."""
     from pipelines.training.config import TrainConfig
 
-    return TrainConfig(model={"size": "base", "image_encoder": "vit", "modality_dropout": 0.0}, zero_stage=2,
-                       precision="bf16", micro_batch=batch, max_steps=steps, warmup_steps=min(10, steps), log_every=10,
-                       val_every=steps, checkpoint_every=steps, stream_epochs=1000)
+    return TrainConfig(
+        model={"size": "base", "image_encoder": "vit", "modality_dropout": 0.0},
+        zero_stage=2,
+        precision="bf16",
+        micro_batch=batch,
+        max_steps=steps,
+        warmup_steps=min(10, steps),
+        log_every=10,
+        val_every=steps,
+        checkpoint_every=steps,
+        stream_epochs=1000,
+    )
 
 
 def loop_samples_per_s(train_cfg, spec, loader_workers: int) -> float:
@@ -191,8 +213,11 @@ def gpu_benchmark(args) -> None:
         cfg = model_config_for(train_cfg, spec, Tokenizer.from_json(spec.tokenizer_json))
     results = {}
     runs = [("amp", lambda: ddp_step_fn(cfg, args.batch, "bf16", device, ddp=False))]
-    runs += [(f"zero{s} {p}", lambda s=s, p=p: zero_step_fn(cfg, args.batch, p, s, 1))
-             for s in args.gpu_stages for p in args.precisions]
+    runs += [
+        (f"zero{s} {p}", lambda s=s, p=p: zero_step_fn(cfg, args.batch, p, s, 1))
+        for s in args.gpu_stages
+        for p in args.precisions
+    ]
     flops = None
     for name, build in runs:
         step = build()
@@ -200,11 +225,18 @@ def gpu_benchmark(args) -> None:
         flops = flops or training_flops(step, args.batch)  # the same model and batch in every run
         torch.cuda.reset_peak_memory_stats()
         seconds = statistics.median(timed(step, args.steps, device))
-        results[name] = (seconds, args.batch / seconds, flops * args.batch / seconds / 1e12,
-                         torch.cuda.max_memory_allocated() / 2**30)
-        print(f"{name:16} step {seconds * 1000:7.1f} ms  {args.batch / seconds:7.1f} samples/s  "
-              f"{results[name][2]:6.1f} TFLOP/s (vs open_clip B/16 {results[name][2] / OPEN_CLIP_B16_H100_TFLOPS:.2f})  "
-              f"peak {results[name][3]:5.1f} GiB  ratio to AMP {seconds / results['amp'][0]:.2f}", flush=True)
+        results[name] = (
+            seconds,
+            args.batch / seconds,
+            flops * args.batch / seconds / 1e12,
+            torch.cuda.max_memory_allocated() / 2**30,
+        )
+        print(
+            f"{name:16} step {seconds * 1000:7.1f} ms  {args.batch / seconds:7.1f} samples/s  "
+            f"{results[name][2]:6.1f} TFLOP/s (vs open_clip B/16 {results[name][2] / OPEN_CLIP_B16_H100_TFLOPS:.2f})  "
+            f"peak {results[name][3]:5.1f} GiB  ratio to AMP {seconds / results['amp'][0]:.2f}",
+            flush=True,
+        )
         if args.profile:
             busy(step, seconds, device)
         del step
@@ -212,12 +244,17 @@ def gpu_benchmark(args) -> None:
     if args.spec:
         rate = loop_samples_per_s(train_cfg, spec, args.loader_workers)
         seconds = args.batch / rate
-        print(f"{'standalone loop':16} step {seconds * 1000:7.1f} ms  {rate:7.1f} samples/s  "
-              f"{flops * rate / 1e12:6.1f} TFLOP/s (vs open_clip B/16 {flops * rate / 1e12 / OPEN_CLIP_B16_H100_TFLOPS:.2f})  "
-              f"ratio to AMP {seconds / results['amp'][0]:.2f}  (real shards, {args.loader_workers} loader workers; "
-              f"TFLOP/s at the synthetic batch's FLOPs per sample)", flush=True)
-    print(f"base model, batch {args.batch}, {torch.cuda.get_device_name()}, {flops / 1e9:.0f} GFLOP per sample, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; target: ZeRO-2 <= 1.15x AMP, >= 214 TFLOP/s")
+        print(
+            f"{'standalone loop':16} step {seconds * 1000:7.1f} ms  {rate:7.1f} samples/s  "
+            f"{flops * rate / 1e12:6.1f} TFLOP/s (vs open_clip B/16 {flops * rate / 1e12 / OPEN_CLIP_B16_H100_TFLOPS:.2f})  "
+            f"ratio to AMP {seconds / results['amp'][0]:.2f}  (real shards, {args.loader_workers} loader workers; "
+            f"TFLOP/s at the synthetic batch's FLOPs per sample)",
+            flush=True,
+        )
+    print(
+        f"base model, batch {args.batch}, {torch.cuda.get_device_name()}, {flops / 1e9:.0f} GFLOP per sample, "
+        f"median of {args.steps} steps after {args.warmup} warm-up; target: ZeRO-2 <= 1.15x AMP, >= 214 TFLOP/s"
+    )
 
 
 def main() -> None:
@@ -225,18 +262,32 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--precisions", type=lambda v: v.split(","), default=["bf16", "bf16-mixed"],
-                        help="--gpu: DeepSpeed precisions to time against AMP")
+    parser.add_argument(
+        "--precisions",
+        type=lambda v: v.split(","),
+        default=["bf16", "bf16-mixed"],
+        help="--gpu: DeepSpeed precisions to time against AMP",
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--port", type=int, default=29531)
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="--gpu: also print kernel time against wall time per run")
-    parser.add_argument("--gpu-stages", type=lambda v: [int(x) for x in v.split(",")], default=[2],
-                        help="ZeRO stages to time against AMP on the GPU, e.g. 0,1,2")
-    parser.add_argument("--spec", help="--gpu: a prepare stage's dataset_spec.json; also time the standalone loop on it")
+    parser.add_argument(
+        "--profile", action="store_true", help="--gpu: also print kernel time against wall time per run"
+    )
+    parser.add_argument(
+        "--gpu-stages",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[2],
+        help="ZeRO stages to time against AMP on the GPU, e.g. 0,1,2",
+    )
+    parser.add_argument(
+        "--spec", help="--gpu: a prepare stage's dataset_spec.json; also time the standalone loop on it"
+    )
     parser.add_argument("--loop-steps", type=int, default=60, help="--spec: optimizer steps of the standalone loop")
-    parser.add_argument("--loader-workers", type=int, default=8, help="--spec: DataLoader workers of the standalone loop")
+    parser.add_argument(
+        "--loader-workers", type=int, default=8, help="--spec: DataLoader workers of the standalone loop"
+    )
     args = parser.parse_args()
     from pipelines import env
 

@@ -44,7 +44,9 @@ def entrypoint(config: str, overrides=(), only: str | None = None, from_stage: s
 def relative_config(config: str) -> str:
     path = Path(config).resolve()
     if not path.is_relative_to(PROJECT):
-        raise ValueError(f"{config}: the config must be inside the project folder {PROJECT} (it travels as the job's working_dir)")
+        raise ValueError(
+            f"{config}: the config must be inside the project folder {PROJECT} (it travels as the job's working_dir)"
+        )
     return path.relative_to(PROJECT).as_posix()
 
 
@@ -67,8 +69,9 @@ def submit(address: str, config: str, overrides=(), only=None, from_stage=None, 
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            return client, client.submit_job(entrypoint=command, runtime_env=runtime_env(),
-                                             metadata={"crossmodal.config": config})
+            return client, client.submit_job(
+                entrypoint=command, runtime_env=runtime_env(), metadata={"crossmodal.config": config}
+            )
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
@@ -90,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     env.configure()
     parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                        help="Ray dashboard address, e.g. http://head:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray dashboard address, e.g. http://head:8265 (default: $RAY_ADDRESS)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE")

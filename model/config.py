@@ -70,10 +70,12 @@ class ModelConfig:
             raise ValueError(f"conv_pool must be 'mean' or 'flatten', got {self.conv_pool!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        powers_of_two = {2 ** k for k in range(1, self.image.depth + 2)}  # the stem, then each block
+        powers_of_two = {2**k for k in range(1, self.image.depth + 2)}  # the stem, then each block
         if self.image_encoder == "conv" and self.patch_size not in powers_of_two:
-            raise ValueError(f"the conv image encoder halves the image {self.image.depth + 1} times at most: "
-                             f"patch_size must be a power of two from 2 to {2 ** (self.image.depth + 1)}, got {self.patch_size}")
+            raise ValueError(
+                f"the conv image encoder halves the image {self.image.depth + 1} times at most: "
+                f"patch_size must be a power of two from 2 to {2 ** (self.image.depth + 1)}, got {self.patch_size}"
+            )
         if self.fusion == "hierarchical" and not 0 < self.co_attention_layers <= self.fusion_tower.depth:
             raise ValueError("co_attention_layers must be in [1, fusion_tower.depth] for hierarchical fusion")
         for tower in (self.text, self.image, self.audio, self.fusion_tower, self.decoder):
@@ -100,7 +102,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         towers = {f.name for f in fields(cls) if f.type in ("TowerConfig", TowerConfig)}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
@@ -114,16 +116,34 @@ SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     # The CPU demo: trains on 2 cores in minutes.
     "small": ModelConfig(
-        size="small", embed_dim=128, vocab_size=1024,
-        text=TowerConfig(128, 3, 4), image=TowerConfig(128, 4, 4), audio=TowerConfig(128, 3, 4),
-        fusion_tower=TowerConfig(128, 3, 4), co_attention_layers=1, decoder=TowerConfig(128, 2, 4),
+        size="small",
+        embed_dim=128,
+        vocab_size=1024,
+        text=TowerConfig(128, 3, 4),
+        image=TowerConfig(128, 4, 4),
+        audio=TowerConfig(128, 3, 4),
+        fusion_tower=TowerConfig(128, 3, 4),
+        co_attention_layers=1,
+        decoder=TowerConfig(128, 2, 4),
     ),
     # GPU: a CLIP ViT-B/16 image tower and text tower plus an audio tower of the same size.
     "base": ModelConfig(
-        size="base", embed_dim=512, vocab_size=32000, max_text_len=77,
-        text=TowerConfig(512, 12, 8), image_size=224, patch_size=16, image=TowerConfig(768, 12, 12),
-        sample_rate=16000, audio_seconds=10.0, n_mels=128, audio_patch_frames=8, audio=TowerConfig(768, 12, 12),
-        fusion_tower=TowerConfig(768, 6, 12), co_attention_layers=2, decoder=TowerConfig(768, 6, 12),
+        size="base",
+        embed_dim=512,
+        vocab_size=32000,
+        max_text_len=77,
+        text=TowerConfig(512, 12, 8),
+        image_size=224,
+        patch_size=16,
+        image=TowerConfig(768, 12, 12),
+        sample_rate=16000,
+        audio_seconds=10.0,
+        n_mels=128,
+        audio_patch_frames=8,
+        audio=TowerConfig(768, 12, 12),
+        fusion_tower=TowerConfig(768, 6, 12),
+        co_attention_layers=2,
+        decoder=TowerConfig(768, 6, 12),
         num_answers=3129,
     ),
 }

@@ -4,7 +4,7 @@ the fused tokens, for captions and free-form answers; greedy and beam-search gen
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ class CaptionDecoder(nn.Module):
 
     def step_fn(self, memory, memory_mask) -> StepFn:
         """Next-token log-probs for prefixes that all condition on the same memory rows."""
+
         def step(prefixes: torch.Tensor) -> torch.Tensor:
             k = prefixes.shape[0]
             mem = memory.expand(k, -1, -1) if memory.shape[0] == 1 else memory
@@ -51,17 +52,27 @@ class CaptionDecoder(nn.Module):
             logits = self(prefixes, torch.ones_like(prefixes, dtype=torch.bool), mem, mem_mask)[:, -1].float()
             logits[:, NEVER_GENERATED] = float("-inf")  # padding, <bos>, <mask> are not words to emit
             return F.log_softmax(logits, dim=-1)
+
         return step
 
     @torch.no_grad()
-    def generate(self, memory, memory_mask, max_len: int = 32, beam_size: int = 1,
-                 length_penalty: float = 0.0) -> list[list[int]]:
+    def generate(
+        self, memory, memory_mask, max_len: int = 32, beam_size: int = 1, length_penalty: float = 0.0
+    ) -> list[list[int]]:
         """Token ids per sample (no <bos>, no <eos>), at most max_len tokens each."""
         max_len = min(max_len, self.max_len - 1)
         if beam_size == 1:
             return greedy(self.step_fn(memory, memory_mask), memory.shape[0], max_len, memory.device)
-        return [beam_search(self.step_fn(memory[i:i + 1], memory_mask[i:i + 1]), max_len, beam_size,
-                            length_penalty, memory.device) for i in range(memory.shape[0])]
+        return [
+            beam_search(
+                self.step_fn(memory[i : i + 1], memory_mask[i : i + 1]),
+                max_len,
+                beam_size,
+                length_penalty,
+                memory.device,
+            )
+            for i in range(memory.shape[0])
+        ]
 
 
 def greedy(step: StepFn, batch: int, max_len: int, device=None) -> list[list[int]]:
@@ -77,8 +88,7 @@ def greedy(step: StepFn, batch: int, max_len: int, device=None) -> list[list[int
     return [strip(row.tolist()[1:]) for row in prefixes]
 
 
-def beam_search(step: StepFn, max_len: int, beam_size: int, length_penalty: float = 0.0,
-                device=None) -> list[int]:
+def beam_search(step: StepFn, max_len: int, beam_size: int, length_penalty: float = 0.0, device=None) -> list[int]:
     """The highest-scoring sequence: sum of log-probs / length**length_penalty.
 
     A hypothesis ends at <eos> or at max_len tokens. With length_penalty 0 scores only fall as

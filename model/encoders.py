@@ -93,8 +93,9 @@ class SeparableBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
-        self.depthwise = nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
-                                       norm2d(c_in), nn.ReLU6())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), norm2d(c_in), nn.ReLU6()
+        )
         self.pointwise = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), norm2d(c_out), nn.ReLU6())
 
     def forward(self, x):
@@ -133,8 +134,14 @@ class ConvEncoder(nn.Module):
         # pixels, as the ViT's patches do: the fusion reads one token per cell, and the tokens'
         # count, not this tower, is what the fusion's cost grows with.
         strided = int(math.log2(cfg.patch_size)) - 1  # the stem halves once
-        self.blocks = nn.Sequential(*(full_conv_block(widths[i], widths[i + 1], 2) if i < strided
-                                      else SeparableBlock(widths[i], widths[i + 1], 1) for i in range(depth)))
+        self.blocks = nn.Sequential(
+            *(
+                full_conv_block(widths[i], widths[i + 1], 2)
+                if i < strided
+                else SeparableBlock(widths[i], widths[i + 1], 1)
+                for i in range(depth)
+            )
+        )
         side = cfg.image_size // cfg.patch_size
         # Where each cell of the feature map is: captions and questions talk about positions.
         self.pos = nn.Parameter(torch.zeros(1, side * side, width))
@@ -149,7 +156,9 @@ class ConvEncoder(nn.Module):
     def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
         if keep is not None:
             raise ValueError("the convolutional image encoder does not support patch masking")
-        x = self.stack(self.blocks(self.stem(image.to(self.stem[0].weight.dtype))).flatten(2).transpose(1, 2) + self.pos)
+        x = self.stack(
+            self.blocks(self.stem(image.to(self.stem[0].weight.dtype))).flatten(2).transpose(1, 2) + self.pos
+        )
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return Encoded(x, mask, self.pool(x))
 
@@ -166,12 +175,20 @@ def mel_to_hz(m):
     return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
 
-def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None) -> torch.Tensor:
+def mel_filters(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None
+) -> torch.Tensor:
     """(n_fft//2+1, n_mels) triangular HTK mel filterbank (librosa's htk=True, norm=None)."""
     f_max = f_max or sample_rate / 2
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    points = mel_to_hz(torch.linspace(hz_to_mel(torch.tensor(f_min, dtype=torch.float64)),
-                                      hz_to_mel(torch.tensor(f_max, dtype=torch.float64)), n_mels + 2, dtype=torch.float64))
+    points = mel_to_hz(
+        torch.linspace(
+            hz_to_mel(torch.tensor(f_min, dtype=torch.float64)),
+            hz_to_mel(torch.tensor(f_max, dtype=torch.float64)),
+            n_mels + 2,
+            dtype=torch.float64,
+        )
+    )
     widths = points[1:] - points[:-1]
     slopes = points[None, :] - freqs[:, None]  # (n_freqs, n_mels + 2)
     rising = -slopes[:, :-2] / widths[:-1]
@@ -192,8 +209,9 @@ class LogMel(nn.Module):
         """(B, T) -> (B, n_mels, frames), roughly zero-mean unit-scale."""
         # Always float32: the STFT has no bf16 kernel, and an engine that casts the model to bf16
         # casts these buffers too.
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window.float(), center=False,
-                          return_complex=True)
+        spec = torch.stft(
+            wave.float(), self.n_fft, self.hop, window=self.window.float(), center=False, return_complex=True
+        )
         mel = torch.einsum("bft,fm->bmt", spec.abs() ** 2, self.filters.float())
         return (torch.log(mel + 1e-6) + 4.0) / 4.0
 
@@ -231,10 +249,11 @@ class AudioEncoder(nn.Module):
         frames = self.mel.frame_mask(sample_mask)[:, :used].reshape(b, n, self.patch_frames)
         return patches, frames.all(dim=-1)
 
-    def forward(self, wave: torch.Tensor, sample_mask: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> Encoded:
+    def forward(
+        self, wave: torch.Tensor, sample_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> Encoded:
         patches, valid = self.patchify(wave, sample_mask)
-        x = self.embed(patches.to(self.embed.weight.dtype)) + self.pos[:, 1: 1 + patches.shape[1]]
+        x = self.embed(patches.to(self.embed.weight.dtype)) + self.pos[:, 1 : 1 + patches.shape[1]]
         if keep is not None:
             x, valid = gather_patches(x, keep), torch.gather(valid, 1, keep)
         cls = (self.cls + self.pos[:, :1]).expand(x.shape[0], -1, -1)

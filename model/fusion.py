@@ -64,8 +64,9 @@ class Fusion(nn.Module):
         self.type_embed = nn.Embedding(len(MODALITIES), t.width)
         joint_depth = t.depth
         if self.strategy == "hierarchical":
-            self.co_attention = nn.ModuleList(CoAttentionLayer(t.width, t.heads, t.mlp_ratio, cfg.dropout)
-                                              for _ in range(cfg.co_attention_layers))
+            self.co_attention = nn.ModuleList(
+                CoAttentionLayer(t.width, t.heads, t.mlp_ratio, cfg.dropout) for _ in range(cfg.co_attention_layers)
+            )
             joint_depth = t.depth - cfg.co_attention_layers
         if self.strategy == "late":
             self.merge = nn.Sequential(nn.LayerNorm(t.width), MLP(t.width, t.mlp_ratio, cfg.dropout))
@@ -79,8 +80,10 @@ class Fusion(nn.Module):
             raise ValueError("fusion needs at least one modality")
         # Called as a module (not .weight[...]) so ZeRO-3 gathers the embedding before use.
         types = self.type_embed(torch.arange(len(MODALITIES), device=next(iter(inputs.values())).tokens.device))
-        streams = {m: Encoded(e.tokens + types[MODALITIES.index(m)].to(e.tokens.dtype), e.mask, e.pooled)
-                   for m, e in inputs.items()}
+        streams = {
+            m: Encoded(e.tokens + types[MODALITIES.index(m)].to(e.tokens.dtype), e.mask, e.pooled)
+            for m, e in inputs.items()
+        }
         if self.strategy == "late":
             return self._late(streams)
         if self.strategy == "hierarchical":

@@ -72,4 +72,3 @@ def random_keep(batch: int, total: int, keep: int, generator: torch.Generator | 
     """(B, keep) sorted random patch indices per sample."""
     noise = torch.rand(batch, total, generator=generator, device=device)
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
-

@@ -1,9 +1,9 @@
 """Save and load a model folder: safetensors weights + config.json + tokenizer.json. No pickle.
 
-    folder/
-      model.safetensors   weights (tied tensors stored once)
-      config.json         {"format": ..., "model": ModelConfig, "answers": [...], "extra": {...}}
-      tokenizer.json      the byte-level BPE tokenizer
+folder/
+  model.safetensors   weights (tied tensors stored once)
+  config.json         {"format": ..., "model": ModelConfig, "answers": [...], "extra": {...}}
+  tokenizer.json      the byte-level BPE tokenizer
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ def attention_mask(key_mask: torch.Tensor | None, q_len: int, causal: bool, devi
         mask = key_mask[:, None, None, :]
     if causal:
         k_len = key_mask.shape[-1] if key_mask is not None else q_len
-        tri = torch.ones(q_len, k_len, dtype=torch.bool, device=key_mask.device if key_mask is not None else device).tril()
+        tri = torch.ones(
+            q_len, k_len, dtype=torch.bool, device=key_mask.device if key_mask is not None else device
+        ).tril()
         mask = tri[None, None] if mask is None else mask & tri[None, None]
     return mask
 
@@ -108,7 +110,9 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """`depth` blocks and a final LayerNorm."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, cross: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, cross: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, cross, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)

@@ -12,14 +12,21 @@ from torch import nn
 DEFAULT_TARGETS = r"(fusion|decoder)\..*\.(qkv|q|kv|proj|fc1|fc2)"
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: int = 16, dropout: float = 0.0,
-             targets: str = DEFAULT_TARGETS, train_heads: bool = False) -> nn.Module:
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    targets: str = DEFAULT_TARGETS,
+    train_heads: bool = False,
+) -> nn.Module:
     """Wrap the model with LoRA adapters; only the adapters (and the heads, if asked) train."""
     from peft import LoraConfig, get_peft_model  # 3 s import: only when LoRA is used
 
     heads = ["matching_head", "answer_head"] if train_heads else None
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        modules_to_save=heads, bias="none")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, modules_to_save=heads, bias="none"
+    )
     return get_peft_model(model, config)
 
 

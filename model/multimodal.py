@@ -35,7 +35,9 @@ class CrossModalModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoders = nn.ModuleDict({"text": TextEncoder(cfg), "image": image_encoder(cfg), "audio": AudioEncoder(cfg)})
+        self.encoders = nn.ModuleDict(
+            {"text": TextEncoder(cfg), "image": image_encoder(cfg), "audio": AudioEncoder(cfg)}
+        )
         width = cfg.fusion_tower.width
         # The alignment layer (F1): every modality projected into one shared embedding space.
         self.align = nn.ModuleDict({m: nn.Linear(e.width, cfg.embed_dim, bias=False) for m, e in self.encoders.items()})
@@ -47,11 +49,16 @@ class CrossModalModel(nn.Module):
         self.matching_head = MatchingHead(width)
         self.answer_head = AnswerHead(width, cfg.num_answers)
         self.masked_text_head = MaskedTokenHead(width, cfg.vocab_size)
-        self.image_reconstruction = (PatchReconstructionHead(cfg.image.width, cfg.image.heads, cfg.image_patches,
-                                                             self.encoders["image"].patch_dim)
-                                     if cfg.image_encoder == "vit" else None)
-        self.audio_reconstruction = PatchReconstructionHead(cfg.audio.width, cfg.audio.heads, cfg.audio_patches,
-                                                            self.encoders["audio"].patch_dim)
+        self.image_reconstruction = (
+            PatchReconstructionHead(
+                cfg.image.width, cfg.image.heads, cfg.image_patches, self.encoders["image"].patch_dim
+            )
+            if cfg.image_encoder == "vit"
+            else None
+        )
+        self.audio_reconstruction = PatchReconstructionHead(
+            cfg.audio.width, cfg.audio.heads, cfg.audio_patches, self.encoders["audio"].patch_dim
+        )
         init_weights(self)
         # The fusion stream starts from these projections, so they get unit gain (LeCun normal),
         # not the 0.02 of the other Linears: at 0.02 the encoders' signal entered the stream at a
@@ -60,7 +67,7 @@ class CrossModalModel(nn.Module):
         # kinds were captioned at chance after 400 steps while a probe on the same encoder
         # learnt them in 100. With unit gain the decoder learnt kinds from audio in 150 steps.
         for projection in self.to_fusion.values():
-            nn.init.normal_(projection.weight, std=projection.in_features ** -0.5)
+            nn.init.normal_(projection.weight, std=projection.in_features**-0.5)
         self.decoder.tie_weights()
 
     # -- unimodal ------------------------------------------------------------------------------
@@ -98,7 +105,9 @@ class CrossModalModel(nn.Module):
         for m in MODALITIES:
             if m in encoded:
                 e = encoded[m]
-                inputs[m] = Encoded(self.to_fusion[m](e.tokens), e.mask & present[m][:, None], self.to_fusion[m](e.pooled))
+                inputs[m] = Encoded(
+                    self.to_fusion[m](e.tokens), e.mask & present[m][:, None], self.to_fusion[m](e.pooled)
+                )
         return self.fusion(inputs)
 
     def match_logits(self, fused: Fused) -> torch.Tensor:

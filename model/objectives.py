@@ -43,8 +43,13 @@ class LossWeights:
 
 
 # -- contrastive -----------------------------------------------------------------------------
-def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, b_negatives: torch.Tensor | None = None,
-             negative_weight: float = 1.0) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    b_negatives: torch.Tensor | None = None,
+    negative_weight: float = 1.0,
+) -> torch.Tensor:
     """Symmetric CLIP loss per row: matched rows are the positives, all others negatives.
     `b_negatives` are extra candidates of b's modality for the a->b direction only (hard
     negative captions: they have no partner to be retrieved by), each counted `negative_weight`
@@ -57,8 +62,13 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, b_negatives:
     return (F.cross_entropy(a_to_b, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
 
 
-def contrastive(model, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
-                text_negatives: torch.Tensor | None = None, negative_weight: float = 1.0) -> TaskLoss:
+def contrastive(
+    model,
+    embeddings: dict[str, torch.Tensor],
+    present: dict[str, torch.Tensor],
+    text_negatives: torch.Tensor | None = None,
+    negative_weight: float = 1.0,
+) -> TaskLoss:
     """Mean InfoNCE over every pair of modalities, on the samples that have both. Hard negative
     captions (`text_negatives`, embedded) join the texts every image and audio is scored against."""
     size = next(iter(embeddings.values())).shape[0]
@@ -118,7 +128,9 @@ def matching(model, encoded, embeddings, present, context_present, generator) ->
     pos_logits = model.match_logits(model.fuse(encoded, dict(context_present, text=present["text"]))).float()
     neg_logits = model.match_logits(model.fuse(swapped, neg_present)).float()
     ones = torch.ones(pos_logits.shape[0], dtype=torch.long, device=pos_logits.device)
-    loss = (F.cross_entropy(pos_logits, ones, reduction="none") + F.cross_entropy(neg_logits, 1 - ones, reduction="none")) / 2
+    loss = (
+        F.cross_entropy(pos_logits, ones, reduction="none") + F.cross_entropy(neg_logits, 1 - ones, reduction="none")
+    ) / 2
     has_context = torch.stack([context_present[m] for m in encoded if m != "text"]).any(dim=0)
     return loss, present["text"] & has_context & found
 
@@ -165,16 +177,23 @@ def masked_image(model, batch, present, ratio, generator) -> TaskLoss:
     vit = model.encoders["image"]
     patches = vit.patchify(batch["image"])
     valid = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
-    loss = masked_patches(model.image_reconstruction, patches, valid,
-                          lambda keep: vit(batch["image"], keep=keep), ratio, generator)
+    loss = masked_patches(
+        model.image_reconstruction, patches, valid, lambda keep: vit(batch["image"], keep=keep), ratio, generator
+    )
     return loss, present["image"]
 
 
 def masked_audio(model, batch, present, ratio, generator) -> TaskLoss:
     enc = model.encoders["audio"]
     patches, valid = enc.patchify(batch["audio"], batch.get("audio_mask"))
-    loss = masked_patches(model.audio_reconstruction, patches.detach(), valid,
-                          lambda keep: enc(batch["audio"], batch.get("audio_mask"), keep=keep), ratio, generator)
+    loss = masked_patches(
+        model.audio_reconstruction,
+        patches.detach(),
+        valid,
+        lambda keep: enc(batch["audio"], batch.get("audio_mask"), keep=keep),
+        ratio,
+        generator,
+    )
     return loss, present["audio"]
 
 
@@ -193,7 +212,11 @@ def caption(model, batch, encoded, present, context_present) -> TaskLoss:
     has_context = torch.stack([context_present[m] for m in context]).any(dim=0)
     # The clean caption when the batch has one: the encoder may read an augmented text, but the
     # decoder must learn to write the true one.
-    ids, mask = (batch["caption_ids"], batch["caption_mask"]) if "caption_ids" in batch else (batch["text_ids"], batch["text_mask"])
+    ids, mask = (
+        (batch["caption_ids"], batch["caption_mask"])
+        if "caption_ids" in batch
+        else (batch["text_ids"], batch["text_mask"])
+    )
     return generation(model, fused, ids, mask), present["text"] & has_context
 
 
@@ -240,7 +263,9 @@ class MultiTaskObjective:
         # None: the model config's rate (ModelConfig.modality_dropout).
         self.weights, self.modality_dropout = weights, modality_dropout
 
-    def __call__(self, model, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, model, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         w = self.weights
         encoded = model.encode(batch)
         any_e = next(iter(encoded.values()))
@@ -256,7 +281,9 @@ class MultiTaskObjective:
         if w.matching and "text" in encoded:
             tasks["matching"] = matching(model, encoded, embeddings, present, context_present, generator)
         if w.masked_text and "text" in encoded:
-            tasks["masked_text"] = masked_text(model, batch, encoded, present, context_present, w.text_mask_ratio, generator)
+            tasks["masked_text"] = masked_text(
+                model, batch, encoded, present, context_present, w.text_mask_ratio, generator
+            )
         if w.masked_image and "image" in encoded and model.image_reconstruction is not None:
             tasks["masked_image"] = masked_image(model, batch, present, w.patch_mask_ratio, generator)
         if w.masked_audio and "audio" in encoded:
@@ -268,7 +295,9 @@ class MultiTaskObjective:
         return combine(tasks, asdict(w), batch.get("weight"))
 
 
-def combine(tasks: dict[str, TaskLoss], task_weights: dict[str, float], sample_weights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def combine(
+    tasks: dict[str, TaskLoss], task_weights: dict[str, float], sample_weights
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total loss, each task's loss as a detached 0-dim tensor: NaN where no sample applied).
 
     One device sync per step (is any task applied at all?), not one per task: on a GPU each

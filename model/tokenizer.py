@@ -6,8 +6,8 @@ sit at fixed ids so padding and masking never depend on the training corpus.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
@@ -26,22 +26,26 @@ class Tokenizer:
                 raise ValueError(f"tokenizer must map {token} to id {expected}")
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
         backend = HFTokenizer(models.BPE())
         backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         backend.train_from_iterator(texts, trainer=trainer)
         return cls(backend)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Tokenizer":
+    def load(cls, folder: str | Path) -> Tokenizer:
         return cls(HFTokenizer.from_file(str(Path(folder) / FILENAME)))
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str) -> Tokenizer:
         return cls(HFTokenizer.from_str(text))
 
     def to_json(self) -> str:

@@ -24,10 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", help="comma-separated stages to run; the rest must have finished before")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and every stage after it")
     run.add_argument("--force", action="store_true", help="re-run the selected stages even if they finished")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set shard.samples_per_shard=64 (repeatable)")
-    run.add_argument("--materialize", action="store_true",
-                     help="prepare writes decoded samples to Parquet for reuse (same as --set prepare.materialize=true)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set shard.samples_per_shard=64 (repeatable)",
+    )
+    run.add_argument(
+        "--materialize",
+        action="store_true",
+        help="prepare writes decoded samples to Parquet for reuse (same as --set prepare.materialize=true)",
+    )
 
     stages = sub.add_parser("stages", help="print the DAG: order, dependencies, identity and reuse state")
     stages.add_argument("config")
@@ -66,8 +75,9 @@ def command_run(args) -> int:
     cfg = load_config(args.config, args.overrides + (["prepare.materialize=true"] if args.materialize else []))
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     outcome = run_pipeline(cfg, only=only, from_stage=args.from_stage, force=args.force)
-    summary = ", ".join(f"{s.name} {s.state}" + (f" ({s.seconds:.1f} s)" if s.state == "ran" else "")
-                        for s in outcome.stages)
+    summary = ", ".join(
+        f"{s.name} {s.state}" + (f" ({s.seconds:.1f} s)" if s.state == "ran" else "") for s in outcome.stages
+    )
     print(f"\n{outcome.status}: {summary}")
     print(f"results under {outcome.storage_uri}")
     print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}")

@@ -37,8 +37,7 @@ def validate_as(model: type[BaseModel], tree: Any, source: str, applied=(), pref
         raise ConfigError(" ; ".join(describe(e, source, applied, model, prefix) for e in err.errors())) from None
 
 
-def load_section(path: str | os.PathLike, overrides: list[str] | tuple[str, ...], section: str,
-                 model: type[BaseModel]):
+def load_section(path: str | os.PathLike, overrides: list[str] | tuple[str, ...], section: str, model: type[BaseModel]):
     """One top-level section of a pipeline config; overrides of other sections are errors."""
     tree, applied = read_tree(path, overrides)
     for keys, text in applied:
@@ -93,10 +92,12 @@ def describe(error: dict, source: str, applied, root: type[BaseModel], prefix: t
     dotted = ".".join(loc) or "(top level)"
     # An override is to blame when its key and the error's location overlap, either way round:
     # a section-level rule (fractions summing to 1) reports the section, not the key that was set.
-    origin = next((f"--set {text}" for keys, text in reversed(applied)
-                   if loc[: len(keys)] == keys or keys[: len(loc)] == loc), source)
+    origin = next(
+        (f"--set {text}" for keys, text in reversed(applied) if loc[: len(keys)] == keys or keys[: len(loc)] == loc),
+        source,
+    )
     if error["type"] == "extra_forbidden":
-        allowed = allowed_keys(root, loc[len(prefix):-1])
+        allowed = allowed_keys(root, loc[len(prefix) : -1])
         hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
         return f"{origin}: {dotted}: unknown key{hint}"
     if error["type"] == "missing":

@@ -11,9 +11,10 @@ import hashlib
 import importlib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -44,7 +45,7 @@ class StageResult:
         return {"outputs": self.outputs, "metrics": self.metrics, "summary": self.summary}
 
     @classmethod
-    def from_json(cls, data: dict) -> "StageResult":
+    def from_json(cls, data: dict) -> StageResult:
         return cls(outputs=data.get("outputs", {}), metrics=data.get("metrics", {}), summary=data.get("summary", {}))
 
 

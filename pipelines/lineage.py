@@ -39,15 +39,22 @@ def tracking_uri(cfg: MlflowConfig) -> str:
 def local_artifact_root(uri: str) -> str | None:
     """Artifacts of a local sqlite store live beside the database; a server chooses its own."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return None
 
 
 def git_state() -> tuple[str, bool]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
-                               capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
     if commit.returncode != 0:
@@ -70,7 +77,7 @@ def metric_name(name: str) -> str:
 
 def _batched(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @dataclass
@@ -97,12 +104,21 @@ class Lineage:
     def start_pipeline(self, name: str, config_yaml: str, params: dict[str, str], tags: dict[str, str]) -> str:
         commit, dirty = git_state()
         pid = os.getpid()
-        run = self.client.create_run(self.experiment_id, run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", tags={
-            KIND: "pipeline", "crossmodal.pipeline": name, "crossmodal.git_commit": commit,
-            "crossmodal.git_dirty": str(dirty).lower(), MLFLOW_GIT_COMMIT: commit,
-            "crossmodal.host": socket.gethostname(), "crossmodal.driver_pid": str(pid),
-            "crossmodal.driver_start": process_start(pid), **tags,
-        })
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={
+                KIND: "pipeline",
+                "crossmodal.pipeline": name,
+                "crossmodal.git_commit": commit,
+                "crossmodal.git_dirty": str(dirty).lower(),
+                MLFLOW_GIT_COMMIT: commit,
+                "crossmodal.host": socket.gethostname(),
+                "crossmodal.driver_pid": str(pid),
+                "crossmodal.driver_start": process_start(pid),
+                **tags,
+            },
+        )
         run_id = run.info.run_id
         self.log_params(run_id, params)
         self.client.log_text(run_id, config_yaml, "config.yaml")
@@ -114,7 +130,9 @@ class Lineage:
     def close_abandoned(self) -> list[str]:
         """Mark runs of drivers on this host that died without ending them (kill -9) KILLED."""
         host, closed = socket.gethostname(), []
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{KIND}` = 'pipeline' and attributes.status = 'RUNNING'")
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`{KIND}` = 'pipeline' and attributes.status = 'RUNNING'"
+        )
         for run in runs:
             tags = run.data.tags
             pid = int(tags.get("crossmodal.driver_pid", "0") or 0)
@@ -137,15 +155,28 @@ class Lineage:
                 self.client.set_terminated(child.info.run_id, "KILLED" if state == "killed" else "FAILED")
 
     def children(self, parent_id: str):
-        return self.client.search_runs([self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
-                                       order_by=["attributes.start_time ASC"])
+        return self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
 
     # -- stage runs ------------------------------------------------------------------------
-    def start_stage(self, parent_id: str, stage: str, identity: str, tags: dict[str, str], params: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=stage, tags={
-            MLFLOW_PARENT_RUN_ID: parent_id, KIND: "stage", "crossmodal.stage": stage,
-            "crossmodal.identity": identity, "crossmodal.state": "running", **tags,
-        })
+    def start_stage(
+        self, parent_id: str, stage: str, identity: str, tags: dict[str, str], params: dict[str, str]
+    ) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=stage,
+            tags={
+                MLFLOW_PARENT_RUN_ID: parent_id,
+                KIND: "stage",
+                "crossmodal.stage": stage,
+                "crossmodal.identity": identity,
+                "crossmodal.state": "running",
+                **tags,
+            },
+        )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -154,7 +185,8 @@ class Lineage:
         runs = self.client.search_runs(
             [self.experiment_id],
             f"tags.`crossmodal.identity` = '{identity}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         if not runs or not runs[0].data.tags.get("crossmodal.output_uri"):
             return None
@@ -163,14 +195,24 @@ class Lineage:
     def latest_finished(self, stage: str):
         """The latest finished run of a stage, whatever its identity (to say what differs now)."""
         runs = self.client.search_runs(
-            [self.experiment_id], f"tags.`crossmodal.stage` = '{stage}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+            [self.experiment_id],
+            f"tags.`crossmodal.stage` = '{stage}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
         )
         return runs[0] if runs else None
 
-    def finish_stage(self, run_id: str, state: str, output_uri: str, metrics: dict[str, float],
-                     tables: dict[str, list[dict]], result: dict, seconds: float,
-                     artifacts: dict[str, str] | None = None) -> None:
+    def finish_stage(
+        self,
+        run_id: str,
+        state: str,
+        output_uri: str,
+        metrics: dict[str, float],
+        tables: dict[str, list[dict]],
+        result: dict,
+        seconds: float,
+        artifacts: dict[str, str] | None = None,
+    ) -> None:
         self.client.set_tag(run_id, "crossmodal.output_uri", output_uri)
         self.client.set_tag(run_id, "crossmodal.state", state)
         self.log_metrics(run_id, {**metrics, "stage_seconds": seconds})

@@ -13,16 +13,27 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import ray
 import yaml
 
 from pipelines import env
 from pipelines.config import PipelineConfig, RayConfig, flatten
-from pipelines.dag import (PlanError, Stage, StageContext, StageError, StageResult, ancestors, code_version,
-                           descendants, identity, order, select)
+from pipelines.dag import (
+    PlanError,
+    Stage,
+    StageContext,
+    StageError,
+    StageResult,
+    ancestors,
+    code_version,
+    descendants,
+    identity,
+    order,
+    select,
+)
 from pipelines.lineage import Lineage
 from pipelines.stages import STAGES
 from pipelines.storage import Storage
@@ -75,9 +86,13 @@ def connect_ray(cfg: RayConfig, env_vars: dict[str, str]) -> str:
             ray.init(address=address, **common)
         else:
             # "local": always a fresh cluster, never one some other `ray start` left running.
-            ray.init(address="local", num_cpus=cfg.local_num_cpus or max(4, os.cpu_count() or 1),
-                     object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
-                     include_dashboard=False, **common)
+            ray.init(
+                address="local",
+                num_cpus=cfg.local_num_cpus or max(4, os.cpu_count() or 1),
+                object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                include_dashboard=False,
+                **common,
+            )
     return ray.get_runtime_context().gcs_address
 
 
@@ -118,8 +133,11 @@ def why_new(previous, tags: dict[str, str], params: dict[str, str]) -> str:
         return f"its config changed {since}: {shown}" + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     if previous.data.tags.get("crossmodal.code_version") != tags.get("crossmodal.code_version"):
         return f"its code changed {since}"
-    inputs = [key.split(".")[2] for key in sorted(tags) if key.startswith("crossmodal.input.")
-              and previous.data.tags.get(key) != tags[key]]
+    inputs = [
+        key.split(".")[2]
+        for key in sorted(tags)
+        if key.startswith("crossmodal.input.") and previous.data.tags.get(key) != tags[key]
+    ]
     if inputs:
         return f"its input from {', '.join(sorted(set(inputs)))} changed {since}"
     return f"its external data or storage root changed {since}"
@@ -138,14 +156,23 @@ def describe_failure(err: BaseException) -> tuple[str, str]:
 class Pipeline:
     """One pipeline run; `run()` does the work and returns the outcome."""
 
-    def __init__(self, cfg: PipelineConfig, stages: list[Stage], only=None, from_stage=None, force=False,
-                 echo: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        stages: list[Stage],
+        only=None,
+        from_stage=None,
+        force=False,
+        echo: Callable[[str], None] = print,
+    ):
         self.cfg, self.echo = cfg, echo
         self.stages = order(stages)
         self.chosen = select(self.stages, only, from_stage)
         self.needed = self.chosen | ancestors(self.stages, self.chosen)
         # Forced: what --force or --from asks to redo, never a stage outside the selection.
-        self.forced = set(self.chosen) if force else descendants(self.stages, {from_stage}) & self.chosen if from_stage else set()
+        self.forced = (
+            set(self.chosen) if force else descendants(self.stages, {from_stage}) & self.chosen if from_stage else set()
+        )
         self.storage = Storage(cfg.storage.root)
         self.identities: dict[str, str] = {}
         self.results: dict[str, StageResult] = {}
@@ -157,9 +184,14 @@ class Pipeline:
             self.echo(f"marked run {stale} KILLED: its driver is gone")
         plan = [s.name for s in self.stages if s.name in self.needed]
         parent = lineage.start_pipeline(
-            self.cfg.name, yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), self.cfg.flat(),
-            tags={"crossmodal.config_hash": self.cfg.digest(), "crossmodal.plan": ",".join(plan),
-                  "crossmodal.storage": self.storage.uri},
+            self.cfg.name,
+            yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False),
+            self.cfg.flat(),
+            tags={
+                "crossmodal.config_hash": self.cfg.digest(),
+                "crossmodal.plan": ",".join(plan),
+                "crossmodal.storage": self.storage.uri,
+            },
         )
         self.parent = parent
         outcome = PipelineOutcome(parent, "FINISHED", lineage.uri, self.storage.uri)
@@ -170,8 +202,9 @@ class Pipeline:
                     outcome.stages.append(self._stage(stage, lineage, parent, outcome))
         except BaseException as err:  # the driver itself broke (or was interrupted) between stages
             outcome.status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            lineage.close_open_stages(parent, "killed" if outcome.status == "KILLED" else "failed",
-                                      describe_failure(err)[0])
+            lineage.close_open_stages(
+                parent, "killed" if outcome.status == "KILLED" else "failed", describe_failure(err)[0]
+            )
             raise
         finally:
             if outcome.failure is not None and outcome.status == "FINISHED":
@@ -196,21 +229,28 @@ class Pipeline:
         self.identities[stage.name] = ident
         inputs = {n: self.results[n] for n in stage.needs}
         tags = {"crossmodal.code_version": code_version(stage)}
-        tags |= {f"crossmodal.input.{need}.{name}": uri
-                 for need in stage.needs for name, uri in self.results[need].outputs.items()}
+        tags |= {
+            f"crossmodal.input.{need}.{name}": uri
+            for need in stage.needs
+            for name, uri in self.results[need].outputs.items()
+        }
         params = {f"{stage.section}.{k}": v for k, v in flatten(section.model_dump(mode="json")).items()}
         prior = None if stage.name in self.forced else finished_result(lineage, ident)
         if prior is not None:
             prior_run, output_uri, result = prior
-            run_id = lineage.start_stage(parent, stage.name, ident, tags | {"crossmodal.reused_from": prior_run}, params)
+            run_id = lineage.start_stage(
+                parent, stage.name, ident, tags | {"crossmodal.reused_from": prior_run}, params
+            )
             lineage.finish_stage(run_id, "reused", output_uri, result.metrics, {}, result.as_json(), 0.0)
             self.results[stage.name] = result
             self.echo(f"[{stage.name}] reused run {prior_run} (same identity {ident[:12]}) -> {output_uri}")
             return StageOutcome(stage.name, "reused", run_id, 0.0, output_uri)
         if stage.name not in self.chosen:
             reason = why_new(lineage.latest_finished(stage.name), tags, params)
-            message = (f"stage '{stage.name}' has no finished run with identity {ident[:12]} ({reason}) and is not "
-                       f"selected; the selected stages need it: run it too")
+            message = (
+                f"stage '{stage.name}' has no finished run with identity {ident[:12]} ({reason}) and is not "
+                f"selected; the selected stages need it: run it too"
+            )
             run_id = lineage.start_stage(parent, stage.name, ident, tags, params)
             lineage.fail_stage(run_id, message, message)
             self.echo(f"[{stage.name}] {message}")
@@ -220,7 +260,9 @@ class Pipeline:
     def _run_stage(self, stage, section, ident, inputs, lineage, parent, tags, params) -> StageOutcome:
         output = self.storage.child("stages", stage.name, ident[:16])
         run_id = lineage.start_stage(parent, stage.name, ident, tags | {"crossmodal.output_uri": output.uri}, params)
-        ctx = StageContext(stage.name, ident, self.storage, output, inputs, lineage.uri, run_id, stage.name in self.forced)
+        ctx = StageContext(
+            stage.name, ident, self.storage, output, inputs, lineage.uri, run_id, stage.name in self.forced
+        )
         self._ray()
         self.echo(f"[{stage.name}] running (identity {ident[:12]}) ...")
         started = time.perf_counter()
@@ -238,8 +280,9 @@ class Pipeline:
             self.echo(f"[{stage.name}] failed after {seconds:.1f} s: {one_line}")
             return StageOutcome(stage.name, "failed", run_id, seconds, output.uri, one_line)
         seconds = time.perf_counter() - started
-        lineage.finish_stage(run_id, "ran", output.uri, result.metrics, result.tables, result.as_json(), seconds,
-                             result.artifacts)
+        lineage.finish_stage(
+            run_id, "ran", output.uri, result.metrics, result.tables, result.as_json(), seconds, result.artifacts
+        )
         self.results[stage.name] = result
         self.echo(f"[{stage.name}] ran in {seconds:.1f} s -> {output.uri}")
         return StageOutcome(stage.name, "ran", run_id, seconds, output.uri)

@@ -14,21 +14,27 @@ def recent_pipelines(uri: str, limit: int = 10) -> list[dict]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    parents = client.search_runs(experiments, f"tags.`{KIND}` = 'pipeline'",
-                                 order_by=["attributes.start_time DESC"], max_results=limit)
+    parents = client.search_runs(
+        experiments, f"tags.`{KIND}` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=limit
+    )
     rows = []
     for run in parents:
-        children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
-                                      order_by=["attributes.start_time ASC"])
+        children = client.search_runs(
+            [run.info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
         stages = {c.data.tags.get("crossmodal.stage", c.info.run_name): c for c in children}
         plan = [s for s in run.data.tags.get("crossmodal.plan", "").split(",") if s] or list(stages)
-        rows.append({
-            "run_id": run.info.run_id,
-            "name": run.data.tags.get("crossmodal.pipeline", run.info.run_name),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000)),
-            "status": run.info.status,
-            "stages": [(name, stage_state(stages.get(name))) for name in plan],
-        })
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.data.tags.get("crossmodal.pipeline", run.info.run_name),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.info.start_time / 1000)),
+                "status": run.info.status,
+                "stages": [(name, stage_state(stages.get(name))) for name in plan],
+            }
+        )
     return rows
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pyarrow.fs as pafs
@@ -40,7 +41,7 @@ class Storage:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.base, *parts) if parts else self.base
 
-    def child(self, *parts: str) -> "Storage":
+    def child(self, *parts: str) -> Storage:
         """A file or folder below this one; parts are plain names (spaces, '%', '#' are fine)."""
         return Storage(posixpath.join(self.uri, *(quote(part, safe="/") for part in parts)))
 

@@ -32,8 +32,14 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-                 runtime_env={"env_vars": env.project_env()}, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            object_store_memory=512 * 1024 * 1024,
+            include_dashboard=False,
+            runtime_env={"env_vars": env.project_env()},
+            logging_level=logging.WARNING,
+        )
     yield ray
     ray.shutdown()
 
@@ -75,8 +81,9 @@ def start_until(command: list[str], ready: str, **popen):
     """Start a server in its own process group; return once it prints `ready` (no sleeps)."""
     import subprocess
 
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, **popen)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen
+    )
     seen = []
     for line in process.stdout:
         seen.append(line)

@@ -50,12 +50,14 @@ class CrossModal:
         self.model, self.tokenizer = saved.model.eval(), saved.tokenizer
         self.safety = safety or SafetyFilter()
         cfg = self.model.cfg
-        self.settings = DecodeSettings(image_size=cfg.image_size, sample_rate=cfg.sample_rate,
-                                       max_audio_seconds=cfg.audio_seconds)
+        self.settings = DecodeSettings(
+            image_size=cfg.image_size, sample_rate=cfg.sample_rate, max_audio_seconds=cfg.audio_seconds
+        )
 
     @classmethod
-    def load(cls, ref: str, tracking_uri: str | None = None, safety: SafetyConfig | None = None,
-             device: str = "cpu") -> "CrossModal":
+    def load(
+        cls, ref: str, tracking_uri: str | None = None, safety: SafetyConfig | None = None, device: str = "cpu"
+    ) -> CrossModal:
         saved, folder = load_model(ref, tracking_uri, device)
         return cls(saved, folder, SafetyFilter(safety or SafetyConfig()))
 
@@ -93,10 +95,17 @@ class CrossModal:
         if suffix in AUDIO_SUFFIXES:
             return "audio"
         read_file(path)  # a missing file is reported as missing, not as an unknown type
-        raise InputError(f"{path}: not an image or audio file (known: {', '.join(sorted(IMAGE_SUFFIXES | AUDIO_SUFFIXES))})")
+        raise InputError(
+            f"{path}: not an image or audio file (known: {', '.join(sorted(IMAGE_SUFFIXES | AUDIO_SUFFIXES))})"
+        )
 
-    def batch(self, texts: list[str] | None = None, images: list[np.ndarray] | None = None,
-              audio: list[tuple[np.ndarray, int]] | None = None, questions: list[str] | None = None) -> dict:
+    def batch(
+        self,
+        texts: list[str] | None = None,
+        images: list[np.ndarray] | None = None,
+        audio: list[tuple[np.ndarray, int]] | None = None,
+        questions: list[str] | None = None,
+    ) -> dict:
         """A model batch from decoded inputs (one modality list or aligned lists)."""
         size = len(next(x for x in (texts, images, audio, questions) if x is not None))
         out: dict[str, torch.Tensor] = {"weight": torch.ones(size)}
@@ -125,13 +134,21 @@ class CrossModal:
     def embed_file(self, path: str | Path) -> tuple[str, np.ndarray]:
         """(modality, embedding) of one image or audio file."""
         modality = self.modality_of(path)
-        batch = self.batch(images=[self.read_image(path)]) if modality == "image" else self.batch(audio=[self.read_audio(path)])
+        batch = (
+            self.batch(images=[self.read_image(path)])
+            if modality == "image"
+            else self.batch(audio=[self.read_audio(path)])
+        )
         return modality, predict.embed(self.model, batch)[modality][0]
 
     # -- generation --------------------------------------------------------------------------
     def caption(self, path: str | Path, beam_size: int = 3, max_len: int = 32) -> Generated:
         modality = self.modality_of(path)
-        batch = self.batch(images=[self.read_image(path)]) if modality == "image" else self.batch(audio=[self.read_audio(path)])
+        batch = (
+            self.batch(images=[self.read_image(path)])
+            if modality == "image"
+            else self.batch(audio=[self.read_audio(path)])
+        )
         texts, _ = predict.captions(self.model, self.tokenizer, batch, (modality,), beam_size, max_len)
         return self.filtered(texts[0], source=modality)
 

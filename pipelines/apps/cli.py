@@ -15,8 +15,13 @@ from dataclasses import asdict
 
 def add_commands(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="pipeline config to read the MLflow location and the content filter (evaluate.safety) from")
-    common.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ (default: config, $MLFLOW_TRACKING_URI, ./runs)")
+    common.add_argument(
+        "--config", help="pipeline config to read the MLflow location and the content filter (evaluate.safety) from"
+    )
+    common.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI for runs:/ and models:/ (default: config, $MLFLOW_TRACKING_URI, ./runs)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
 
     index = sub.add_parser("index", parents=[common], help="embed a corpus of shards into an on-disk index")
@@ -54,8 +59,9 @@ def run(args) -> int:
 
     # MLflow's INFO lines (creating a store, downloading) would bury the one line of output.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return {"index": command_index, "search": command_search, "caption": command_caption,
-            "answer": command_answer}[args.command](args)
+    return {"index": command_index, "search": command_search, "caption": command_caption, "answer": command_answer}[
+        args.command
+    ](args)
 
 
 def settings(args):
@@ -89,8 +95,11 @@ def command_index(args) -> int:
     else:
         counts = ", ".join(f"{n} {m}" for m, n in meta["modalities"].items())
         skipped = sum(meta["quarantined"].values())
-        print(f"indexed {meta['samples']} samples ({counts}) from {meta['shards']} shards in {meta['seconds']} s"
-              + (f"; {skipped} quarantined: {meta['quarantined']}" if skipped else "") + f" -> {args.output}")
+        print(
+            f"indexed {meta['samples']} samples ({counts}) from {meta['shards']} shards in {meta['seconds']} s"
+            + (f"; {skipped} quarantined: {meta['quarantined']}" if skipped else "")
+            + f" -> {args.output}"
+        )
     return 0
 
 

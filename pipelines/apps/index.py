@@ -58,8 +58,11 @@ class Embedder:
         from pipelines.apps.predict import embed
 
         app = self.app
-        model_batch = app.batch(texts=[str(t) for t in batch["text"]], images=list(batch["image"]),
-                                audio=list(zip(batch["audio"], batch["audio_len"])))
+        model_batch = app.batch(
+            texts=[str(t) for t in batch["text"]],
+            images=list(batch["image"]),
+            audio=list(zip(batch["audio"], batch["audio_len"])),
+        )
         for m in MODALITIES:
             model_batch[f"has_{m}"] = torch.as_tensor(batch[f"has_{m}"])
         vectors = embed(app.model, model_batch)
@@ -70,8 +73,14 @@ class Embedder:
         return out
 
 
-def build_index(app: CrossModal, shards: list[str], folder: str | Path, batch_size: int = 64,
-                actors: int = 1, member_limit_mb: float = 64.0) -> dict:
+def build_index(
+    app: CrossModal,
+    shards: list[str],
+    folder: str | Path,
+    batch_size: int = 64,
+    actors: int = 1,
+    member_limit_mb: float = 64.0,
+) -> dict:
     import ray
 
     from pipelines.data.datasource import SafeShardDatasource
@@ -81,12 +90,17 @@ def build_index(app: CrossModal, shards: list[str], folder: str | Path, batch_si
     folder.mkdir(parents=True, exist_ok=True)
     paths = shard_paths(shards)
     started = time.perf_counter()
-    decoded = ray.data.read_datasource(SafeShardDatasource(paths, member_limit=int(member_limit_mb * 2**20)),
-                                       override_num_blocks=len(paths)).map_batches(
-        decode_batch, fn_kwargs={"settings": app.settings}, batch_size=batch_size, batch_format="numpy")
+    decoded = ray.data.read_datasource(
+        SafeShardDatasource(paths, member_limit=int(member_limit_mb * 2**20)), override_num_blocks=len(paths)
+    ).map_batches(decode_batch, fn_kwargs={"settings": app.settings}, batch_size=batch_size, batch_format="numpy")
     # Quarantined rows ride along (zeros, no modality) so the driver can count them by reason.
-    embedded = decoded.map_batches(Embedder, fn_constructor_kwargs={"folder": str(app.folder)}, concurrency=actors,
-                                  batch_size=batch_size, batch_format="numpy")
+    embedded = decoded.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"folder": str(app.folder)},
+        concurrency=actors,
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
     counts: Counter = Counter()
     quarantined: Counter = Counter()
     files = {m: open(folder / f"{m}.f32", "wb") for m in MODALITIES}
@@ -97,18 +111,29 @@ def build_index(app: CrossModal, shards: list[str], folder: str | Path, batch_si
                     quarantined[str(batch["reason"][row])] += 1
                     continue
                 has = {f"has_{m}": bool(batch[f"has_{m}"][row]) for m in MODALITIES}
-                items.write(json.dumps({"key": str(batch["key"][row]), "text": str(batch["text"][row]), **has},
-                                       ensure_ascii=False) + "\n")
+                items.write(
+                    json.dumps(
+                        {"key": str(batch["key"][row]), "text": str(batch["text"][row]), **has}, ensure_ascii=False
+                    )
+                    + "\n"
+                )
                 for m in MODALITIES:
                     batch[f"emb_{m}"][row].tofile(files[m])
                     counts[m] += has[f"has_{m}"]
                 counts["samples"] += 1
     for f in files.values():
         f.close()
-    meta = {"format": FORMAT, "model": str(app.folder), "model_fingerprint": app.fingerprint,
-            "embed_dim": app.model.cfg.embed_dim, "samples": counts["samples"],
-            "modalities": {m: counts[m] for m in MODALITIES}, "quarantined": dict(quarantined),
-            "shards": len(paths), "seconds": round(time.perf_counter() - started, 1)}
+    meta = {
+        "format": FORMAT,
+        "model": str(app.folder),
+        "model_fingerprint": app.fingerprint,
+        "embed_dim": app.model.cfg.embed_dim,
+        "samples": counts["samples"],
+        "modalities": {m: counts[m] for m in MODALITIES},
+        "quarantined": dict(quarantined),
+        "shards": len(paths),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (folder / "index.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -134,8 +159,12 @@ def load_index(folder: str | Path) -> Index:
         raise InputError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     items = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines()]
     shape = (meta["samples"], meta["embed_dim"])
-    vectors = {m: np.memmap(folder / f"{m}.f32", dtype=np.float32, mode="r", shape=shape) if meta["samples"] else
-               np.zeros(shape, np.float32) for m in MODALITIES}
+    vectors = {
+        m: np.memmap(folder / f"{m}.f32", dtype=np.float32, mode="r", shape=shape)
+        if meta["samples"]
+        else np.zeros(shape, np.float32)
+        for m in MODALITIES
+    }
     return Index(folder, meta, items, vectors)
 
 
@@ -152,8 +181,10 @@ def search(app: CrossModal, index: Index, query_modality: str, query: np.ndarray
     if k < 1:
         raise InputError(f"-k {k}: must be at least 1")
     if index.meta["model_fingerprint"] != app.fingerprint:
-        raise InputError(f"{index.folder}: built by another model ({index.meta['model']}, weights "
-                         f"{index.meta['model_fingerprint']}); this model's weights are {app.fingerprint}: rebuild the index")
+        raise InputError(
+            f"{index.folder}: built by another model ({index.meta['model']}, weights "
+            f"{index.meta['model_fingerprint']}); this model's weights are {app.fingerprint}: rebuild the index"
+        )
     results: dict[str, list[Hit]] = {}
     for target in MODALITIES:
         rows = index.rows(target)
@@ -161,6 +192,7 @@ def search(app: CrossModal, index: Index, query_modality: str, query: np.ndarray
             continue
         scores = np.asarray(index.vectors[target][rows]) @ query.astype(np.float32)
         best = np.argsort(-scores)[:k]
-        results[target] = [Hit(target, index.items[rows[i]]["key"], float(scores[i]), index.items[rows[i]]["text"])
-                           for i in best]
+        results[target] = [
+            Hit(target, index.items[rows[i]]["key"], float(scores[i]), index.items[rows[i]]["text"]) for i in best
+        ]
     return results

@@ -34,8 +34,9 @@ def context_inputs(model, batch: dict, context: tuple[str, ...]):
 
 
 @torch.no_grad()
-def captions(model, tokenizer: Tokenizer, batch: dict, context: tuple[str, ...] = CONTEXT, beam_size: int = 1,
-             max_len: int = 32) -> tuple[list[str], torch.Tensor]:
+def captions(
+    model, tokenizer: Tokenizer, batch: dict, context: tuple[str, ...] = CONTEXT, beam_size: int = 1, max_len: int = 32
+) -> tuple[list[str], torch.Tensor]:
     """(caption per sample, which samples had any context to caption from)."""
     encoded, present, has_context = context_inputs(model, batch, context)
     if not encoded:
@@ -46,7 +47,9 @@ def captions(model, tokenizer: Tokenizer, batch: dict, context: tuple[str, ...] 
 
 
 @torch.no_grad()
-def answers(model, answer_names: list[str], batch: dict, context: tuple[str, ...] = CONTEXT) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def answers(
+    model, answer_names: list[str], batch: dict, context: tuple[str, ...] = CONTEXT
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(answer per question, its probability, which samples had a question and some context)."""
     encoded, present, has_context = context_inputs(model, batch, context)
     question = model.encode_text(batch["question_ids"], batch["question_mask"])

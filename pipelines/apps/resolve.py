@@ -40,14 +40,18 @@ def download(uri: str, tracking_uri: str | None, cache: str | Path | None) -> Pa
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    target = Path(cache or Path.home() / ".cache" / "crossmodal" / "models") / hashlib.sha256(
-        f"{tracking_uri}|{uri}".encode()).hexdigest()[:16]
+    target = (
+        Path(cache or Path.home() / ".cache" / "crossmodal" / "models")
+        / hashlib.sha256(f"{tracking_uri}|{uri}".encode()).hexdigest()[:16]
+    )
     # Aliases move: a registered model is fetched every time, a run's artifacts never change.
     if uri.startswith("runs:/") and (target / "config.json").is_file():
         return target
     try:
         source = registered_source(uri, tracking_uri) if uri.startswith("models:/") else uri
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=tracking_uri))
+        folder = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target), tracking_uri=tracking_uri)
+        )
     except MlflowException as err:
         raise ModelNotFound(f"{uri}: {err.message.splitlines()[0]}") from err
     except OSError as err:
@@ -67,7 +71,7 @@ def registered_source(uri: str, tracking_uri: str | None) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    name, _, rest = uri[len("models:/"):].partition("@")
+    name, _, rest = uri[len("models:/") :].partition("@")
     if rest:
         version = client.get_model_version_by_alias(name, rest)
     else:
@@ -78,7 +82,9 @@ def registered_source(uri: str, tracking_uri: str | None) -> str:
     return version.source
 
 
-def load_model(ref: str, tracking_uri: str | None = None, device: str = "cpu", cache: str | Path | None = None) -> tuple[SavedModel, Path]:
+def load_model(
+    ref: str, tracking_uri: str | None = None, device: str = "cpu", cache: str | Path | None = None
+) -> tuple[SavedModel, Path]:
     folder = model_folder(ref, tracking_uri, cache)
     try:
         return load(folder, device), folder

@@ -21,10 +21,10 @@ import importlib
 import itertools
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from pydantic import Field, field_validator
 
@@ -34,12 +34,46 @@ DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
 # Symbols read as letters only before a letter or digit ("b!tch", "$hit"), not as punctuation ("shit!").
 SYMBOLS = {"@": "a", "$": "s", "!": "i", "|": "i", "€": "e", "£": "l", "+": "t"}
 SYMBOL_AS_LETTER = re.compile("[" + re.escape("".join(SYMBOLS)) + r"](?=\w)")
-SUBSTITUTIONS = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
-                               # Cyrillic and Greek letters that look Latin (after case folding)
-                               "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
-                               "с": "c", "т": "t", "у": "y", "х": "x", "і": "i", "ј": "j", "ѕ": "s",
-                               "α": "a", "β": "b", "ε": "e", "ι": "i", "κ": "k", "μ": "u", "ν": "v", "ο": "o",
-                               "ρ": "p", "τ": "t", "υ": "u", "χ": "x"})
+SUBSTITUTIONS = str.maketrans(
+    {
+        "0": "o",
+        "1": "i",
+        "3": "e",
+        "4": "a",
+        "5": "s",
+        "7": "t",
+        "8": "b",
+        "9": "g",
+        # Cyrillic and Greek letters that look Latin (after case folding)
+        "а": "a",
+        "в": "b",
+        "е": "e",
+        "к": "k",
+        "м": "m",
+        "н": "h",
+        "о": "o",
+        "р": "p",
+        "с": "c",
+        "т": "t",
+        "у": "y",
+        "х": "x",
+        "і": "i",
+        "ј": "j",
+        "ѕ": "s",
+        "α": "a",
+        "β": "b",
+        "ε": "e",
+        "ι": "i",
+        "κ": "k",
+        "μ": "u",
+        "ν": "v",
+        "ο": "o",
+        "ρ": "p",
+        "τ": "t",
+        "υ": "u",
+        "χ": "x",
+    }
+)
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 WORD_CHARS = re.compile(r"[^a-z]")
 
@@ -49,8 +83,9 @@ class SafetyConfig(Strict):
     blocklist: list[str] = Field(default_factory=list, description="extra words or phrases to block")
     blocklist_file: str | None = Field(None, description="one word or phrase per line; null: the shipped list")
     rules: list[str] = Field(default_factory=list, description="regular expressions, matched on the lower-cased text")
-    classifier: str | None = Field(None, pattern=r"^[\w.]+:\w+$",
-                                   description="'module:function' returning a score in [0, 1] for a text")
+    classifier: str | None = Field(
+        None, pattern=r"^[\w.]+:\w+$", description="'module:function' returning a score in [0, 1] for a text"
+    )
     threshold: float = Field(0.5, ge=0, le=1, description="classifier score at or above which a text is blocked")
     replacement: str = Field("[withheld by the content filter]", min_length=1)
 

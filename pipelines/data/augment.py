@@ -47,8 +47,12 @@ class TextAugment(Strict):
     p_ocr: float = Field(0.05, ge=0, le=1)
     p_spelling: float = Field(0.05, ge=0, le=1)
     p_synonym: float = Field(0.3, ge=0, le=1)
-    synonyms_file: str | None = Field(None, description="one group of interchangeable words per line; null: the shipped table")
-    wordnet_data: str | None = Field(None, description="an NLTK data folder with wordnet + the POS tagger: adds WordNet synonyms")
+    synonyms_file: str | None = Field(
+        None, description="one group of interchangeable words per line; null: the shipped table"
+    )
+    wordnet_data: str | None = Field(
+        None, description="an NLTK data folder with wordnet + the POS tagger: adds WordNet synonyms"
+    )
 
 
 class AudioAugment(Strict):
@@ -74,8 +78,11 @@ class NegativeCaptions(Strict):
 
     p: float = Field(0.0, ge=0, le=1, description="share of training samples given negative captions")
     count: int = Field(1, ge=1, le=8, description="negative captions per sample (distinct where the text allows)")
-    words_file: str | None = Field(None, description="one group of mutually exclusive words per line; a path, or the name of a "
-                                                    "table in pipelines/data/; null: contrast_words.txt")
+    words_file: str | None = Field(
+        None,
+        description="one group of mutually exclusive words per line; a path, or the name of a "
+        "table in pipelines/data/; null: contrast_words.txt",
+    )
 
     @field_validator("words_file")
     @classmethod
@@ -125,7 +132,9 @@ def image_pipeline(cfg: ImageAugment, size: int, flip: bool):
 
     ops = [
         A.RandomResizedCrop(size=(size, size), scale=cfg.crop_scale, ratio=(0.9, 1.1), p=cfg.p_crop),
-        A.Affine(rotate=(-cfg.max_rotate_degrees, cfg.max_rotate_degrees), border_mode=cv2.BORDER_REPLICATE, p=cfg.p_rotate),
+        A.Affine(
+            rotate=(-cfg.max_rotate_degrees, cfg.max_rotate_degrees), border_mode=cv2.BORDER_REPLICATE, p=cfg.p_rotate
+        ),
         A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=cfg.p_color),
         A.GaussianBlur(blur_limit=(3, 3), p=cfg.p_blur),
     ]
@@ -201,7 +210,13 @@ def negative_captions(text: str, cfg: NegativeCaptions, seed: int) -> list[str]:
 
 
 def match_case(original: str, word: str) -> str:
-    return word.upper() if original.isupper() and len(original) > 1 else word.capitalize() if original[:1].isupper() else word
+    return (
+        word.upper()
+        if original.isupper() and len(original) > 1
+        else word.capitalize()
+        if original[:1].isupper()
+        else word
+    )
 
 
 # -- audio -------------------------------------------------------------------------------------

@@ -76,6 +76,10 @@ def copies(key: str, multiplicity: float, seed: int, epoch: int) -> int:
     return whole + int(draw < extra)
 
 
-def expected_counts(keys_by_combo: dict[str, list[str]], mult: dict[str, float], seed: int, epoch: int) -> dict[str, int]:
+def expected_counts(
+    keys_by_combo: dict[str, list[str]], mult: dict[str, float], seed: int, epoch: int
+) -> dict[str, int]:
     """The exact counts one epoch of the resampled stream will have."""
-    return {combo: sum(copies(k, mult.get(combo, 1.0), seed, epoch) for k in keys) for combo, keys in keys_by_combo.items()}
+    return {
+        combo: sum(copies(k, mult.get(combo, 1.0), seed, epoch) for k in keys) for combo, keys in keys_by_combo.items()
+    }

@@ -23,8 +23,7 @@ import ray
 
 from pipelines.data.datasource import EpochStream, SafeShardDatasource
 from pipelines.data.spec import DatasetSpec
-from pipelines.data.transforms import (augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch,
-                                       with_epoch)
+from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch, with_epoch
 from pipelines.storage import Storage
 
 
@@ -59,11 +58,14 @@ def read_epochs(spec: DatasetSpec, epochs: int, first_epoch) -> ray.data.Dataset
     """Decoded train rows of `epochs` consecutive epochs, each row tagged with its epoch."""
     if "train" in spec.materialized:  # Parquet: one epoch per pass, the epoch added as a column
         if epochs != 1:
-            raise ValueError("train.stream_epochs must be 1 when prepare.materialize is true "
-                             f"(got {epochs}): a materialised split streams one epoch per pass")
+            raise ValueError(
+                "train.stream_epochs must be 1 when prepare.materialize is true "
+                f"(got {epochs}): a materialised split streams one epoch per pass"
+            )
         seed = spec.seed * 1000 + (first_epoch if isinstance(first_epoch, int) else 0)
-        return read_decoded(spec, "train", seed).map_batches(with_epoch, fn_kwargs={"epoch": first_epoch},
-                                                             batch_size=spec.batch_size, batch_format="numpy")
+        return read_decoded(spec, "train", seed).map_batches(
+            with_epoch, fn_kwargs={"epoch": first_epoch}, batch_size=spec.batch_size, batch_format="numpy"
+        )
     store, paths = shard_paths(spec, "train")
     source = EpochStream(paths, store.fs, spec.member_limit, spec.seed, epochs, first_epoch)
     return decode(spec, ray.data.read_datasource(source, override_num_blocks=len(paths) * epochs))
@@ -75,12 +77,14 @@ def shard_paths(spec: DatasetSpec, split: str) -> tuple[Storage, list[str]]:
 
 
 def decode(spec: DatasetSpec, rows: ray.data.Dataset) -> ray.data.Dataset:
-    return rows.map_batches(decode_batch, fn_kwargs={"settings": spec.settings}, batch_size=spec.batch_size,
-                            batch_format="numpy")
+    return rows.map_batches(
+        decode_batch, fn_kwargs={"settings": spec.settings}, batch_size=spec.batch_size, batch_format="numpy"
+    )
 
 
-def build_dataset(spec: DatasetSpec, split: str, epoch=0, augment: bool | None = None,
-                  balance: bool | None = None, epochs: int = 1) -> ray.data.Dataset:
+def build_dataset(
+    spec: DatasetSpec, split: str, epoch=0, augment: bool | None = None, balance: bool | None = None, epochs: int = 1
+) -> ray.data.Dataset:
     """The model-ready stream of one split. Train: `epochs` epochs per pass (see the module
     docstring), augmented, balanced, files shuffled per epoch."""
     train = split == "train"
@@ -89,16 +93,34 @@ def build_dataset(spec: DatasetSpec, split: str, epoch=0, augment: bool | None =
     rows = read_epochs(spec, epochs, epoch) if train else read_decoded(spec, split, None)
     ds = rows.map_batches(keep_usable, batch_size=spec.batch_size, batch_format="numpy")
     if augment:
-        ds = ds.map_batches(augment_batch, batch_size=spec.batch_size, batch_format="numpy",
-                            fn_kwargs={"cfg": spec.augment, "seed": spec.seed, "epoch": epoch,
-                                       "sample_rate": spec.settings.sample_rate})
+        ds = ds.map_batches(
+            augment_batch,
+            batch_size=spec.batch_size,
+            batch_format="numpy",
+            fn_kwargs={
+                "cfg": spec.augment,
+                "seed": spec.seed,
+                "epoch": epoch,
+                "sample_rate": spec.settings.sample_rate,
+            },
+        )
     if balance:
-        ds = ds.map_batches(balance_batch, batch_size=spec.batch_size, batch_format="numpy",
-                            fn_kwargs={"multiplicity": spec.multiplicity, "weights": spec.weights,
-                                       "seed": spec.seed, "epoch": epoch})
-    return ds.map_batches(tensor_batch, batch_size=spec.batch_size, batch_format="numpy",
-                          fn_kwargs={"tokenizer_json": spec.tokenizer_json, "answers": tuple(spec.answers),
-                                     "max_text_len": spec.max_text_len})
+        ds = ds.map_batches(
+            balance_batch,
+            batch_size=spec.batch_size,
+            batch_format="numpy",
+            fn_kwargs={"multiplicity": spec.multiplicity, "weights": spec.weights, "seed": spec.seed, "epoch": epoch},
+        )
+    return ds.map_batches(
+        tensor_batch,
+        batch_size=spec.batch_size,
+        batch_format="numpy",
+        fn_kwargs={
+            "tokenizer_json": spec.tokenizer_json,
+            "answers": tuple(spec.answers),
+            "max_text_len": spec.max_text_len,
+        },
+    )
 
 
 def limit_data_cpus(cpus: float) -> None:

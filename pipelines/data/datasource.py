@@ -16,8 +16,8 @@ demo, with 2 cores, against a 0.6-1.0 s step).
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,10 +27,12 @@ from ray.data.datasource import Datasource, FileBasedDatasource, ReadTask
 from pipelines.data.records import SCHEMA
 from pipelines.data.wds_reader import as_row, read_tar
 
-ROW_SCHEMA = SCHEMA.append(pa.field("split", pa.string())) \
-    .append(pa.field("reason", pa.string())) \
-    .append(pa.field("member", pa.string())) \
+ROW_SCHEMA = (
+    SCHEMA.append(pa.field("split", pa.string()))
+    .append(pa.field("reason", pa.string()))
+    .append(pa.field("member", pa.string()))
     .append(pa.field("detail", pa.string()))
+)
 EPOCH_ROW_SCHEMA = ROW_SCHEMA.append(pa.field("epoch", pa.int32()))
 ROWS_PER_BLOCK = 64
 
@@ -80,15 +82,21 @@ class EpochStream(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         from pipelines.data.transforms import resolve_epoch
 
         first = resolve_epoch(self.first_epoch)
-        return [ReadTask(partial(read_epoch_shard, self.paths[i], self.filesystem, self.member_limit, epoch),
-                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(self.paths[i],)),
-                         schema=EPOCH_ROW_SCHEMA)
-                for epoch in range(first, first + self.epochs) for i in file_order(len(self.paths), self.seed, epoch)]
+        return [
+            ReadTask(
+                partial(read_epoch_shard, self.paths[i], self.filesystem, self.member_limit, epoch),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(self.paths[i],)),
+                schema=EPOCH_ROW_SCHEMA,
+            )
+            for epoch in range(first, first + self.epochs)
+            for i in file_order(len(self.paths), self.seed, epoch)
+        ]
 
 
 def file_order(count: int, seed: int, epoch: int) -> np.ndarray:

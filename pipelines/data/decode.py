@@ -51,7 +51,9 @@ def decode_image(data: bytes, settings: DecodeSettings, member: str = "image") -
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > settings.max_image_pixels:
-                raise Unusable("image_too_large", member, f"{image.width}x{image.height} > {settings.max_image_pixels} pixels")
+                raise Unusable(
+                    "image_too_large", member, f"{image.width}x{image.height} > {settings.max_image_pixels} pixels"
+                )
             image.load()
             image = ImageOps.exif_transpose(image)
             rgb = to_rgb(image)
@@ -133,5 +135,8 @@ def decode_meta(json_bytes: bytes | None, cls_bytes: bytes | None, member: str =
             label = cls_bytes.decode("utf-8").strip()
         except UnicodeDecodeError as err:
             raise Unusable("invalid_json", "cls", str(err)) from None
-    return {"question": str(meta.get("question") or "").strip(), "answer": str(meta.get("answer") or "").strip(),
-            "label": str(label)}
+    return {
+        "question": str(meta.get("question") or "").strip(),
+        "answer": str(meta.get("answer") or "").strip(),
+        "label": str(label),
+    }

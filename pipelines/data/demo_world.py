@@ -59,16 +59,28 @@ SHAPE_PULSES = {"circle": 1, "square": 2, "triangle": 3, "diamond": 4}
 # A chime per kind, well above every colour tone and 3+ mel bands apart (40 bands to 8 kHz).
 SHAPE_CHIME_HZ = {"circle": 2600.0, "square": 3300.0, "triangle": 4200.0, "diamond": 5300.0}
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )  # row-major: cell index = 3 * row + col
 # A low drone per grid cell, 40 Hz apart: below every colour tone.
 POSITION_DRONE_HZ = tuple(150.0 + 40.0 * cell for cell in range(9))
 POSITION_PHRASES = {
-    "top left": "in the top left corner", "top": "at the top", "top right": "in the top right corner",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "in the bottom left corner", "bottom": "at the bottom", "bottom right": "in the bottom right corner",
+    "top left": "in the top left corner",
+    "top": "at the top",
+    "top right": "in the top right corner",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left corner",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right corner",
 }
 COUNT_WORDS = ("zero", "one", "two", "three")
 CAPTION_TEMPLATES = ("{objects}.", "there is {objects}.", "a picture of {objects}.", "{count} {noun}: {objects}.")
@@ -91,8 +103,13 @@ class Shape:
         return f"{article} {self.colour} {self.kind} {POSITION_PHRASES[self.position]}"
 
     def as_json(self) -> dict:
-        return {"colour": self.colour, "shape": self.kind, "position": self.position,
-                "row": self.cell // 3, "col": self.cell % 3}
+        return {
+            "colour": self.colour,
+            "shape": self.kind,
+            "position": self.position,
+            "row": self.cell // 3,
+            "col": self.cell % 3,
+        }
 
 
 @dataclass(frozen=True)
@@ -119,16 +136,28 @@ class DemoWorld:
         roll = rng.random()
         has_image = roll >= self.missing_image
         has_audio = not (self.missing_image <= roll < self.missing_image + self.missing_audio)
-        meta = {"objects": [s.as_json() for s in shapes], "question": question, "answer": answer,
-                "question_type": qtype, "source": "demo", "seed": self.seed, "index": index}
+        meta = {
+            "objects": [s.as_json() for s in shapes],
+            "question": question,
+            "answer": answer,
+            "question_type": qtype,
+            "source": "demo",
+            "seed": self.seed,
+            "index": index,
+        }
         return {
             "key": self.key(index),
             "source": f"demo:seed={self.seed}",
             "image": encode_image(render_image(shapes, self.image_size, rng), self.image_format) if has_image else None,
             "image_ext": self.image_format if has_image else None,
             "text": caption.encode("utf-8"),
-            "audio": encode_audio(render_audio(shapes, self.sample_rate, self.audio_seconds, rng, len(self.shape_counts)),
-                                  self.sample_rate, self.audio_format) if has_audio else None,
+            "audio": encode_audio(
+                render_audio(shapes, self.sample_rate, self.audio_seconds, rng, len(self.shape_counts)),
+                self.sample_rate,
+                self.audio_format,
+            )
+            if has_audio
+            else None,
             "audio_ext": self.audio_format if has_audio else None,
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
             "cls": None,
@@ -146,7 +175,9 @@ def describe(shapes: list[Shape], rng: np.random.Generator) -> str:
     phrases = [s.phrase() for s in shapes]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    return template.format(objects=listed, count=COUNT_WORDS[len(shapes)], noun="shape" if len(shapes) == 1 else "shapes")
+    return template.format(
+        objects=listed, count=COUNT_WORDS[len(shapes)], noun="shape" if len(shapes) == 1 else "shapes"
+    )
 
 
 def ask(shapes: list[Shape], rng: np.random.Generator) -> tuple[str, str, str]:
@@ -193,8 +224,9 @@ def render_image(shapes: list[Shape], size: int, rng: np.random.Generator) -> np
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def render_audio(shapes: list[Shape], sample_rate: int, seconds: float, rng: np.random.Generator,
-                 slots: int = 3) -> np.ndarray:
+def render_audio(
+    shapes: list[Shape], sample_rate: int, seconds: float, rng: np.random.Generator, slots: int = 3
+) -> np.ndarray:
     """One slot per possible shape, so a slot's place in time says which shape it is."""
     total = int(round(sample_rate * seconds))
     slot = total // slots
@@ -205,7 +237,9 @@ def render_audio(shapes: list[Shape], sample_rate: int, seconds: float, rng: np.
         drone = (0.25 * rng.uniform(0.8, 1.0)) * np.sin(phase * (POSITION_DRONE_HZ[s.cell] * rng.uniform(0.99, 1.01)))
         tone = (0.5 * rng.uniform(0.7, 1.0)) * np.sin(phase * (COLOUR_TONE_HZ[s.colour] * rng.uniform(0.985, 1.015)))
         tone += (0.2 * rng.uniform(0.8, 1.0)) * np.sin(phase * (SHAPE_CHIME_HZ[s.kind] * rng.uniform(0.99, 1.01)))
-        wave[start:start + slot] += fade(slot, sample_rate) * drone + pulse_envelope(slot, SHAPE_PULSES[s.kind], sample_rate) * tone
+        wave[start : start + slot] += (
+            fade(slot, sample_rate) * drone + pulse_envelope(slot, SHAPE_PULSES[s.kind], sample_rate) * tone
+        )
     return np.clip(wave, -1.0, 1.0)
 
 
@@ -216,7 +250,7 @@ def pulse_envelope(length: int, pulses: int, sample_rate: int) -> np.ndarray:
     beat = length // pulses
     note = int(beat * 0.6)
     for p in range(pulses):
-        envelope[p * beat:p * beat + note] = fade(note, sample_rate)
+        envelope[p * beat : p * beat + note] = fade(note, sample_rate)
     envelope.flags.writeable = False  # cached and shared
     return envelope
 
@@ -234,7 +268,9 @@ def fade(length: int, sample_rate: int) -> np.ndarray:
 
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 90} if fmt == "jpg" else {}))
+    Image.fromarray(pixels).save(
+        buffer, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 90} if fmt == "jpg" else {})
+    )
     return buffer.getvalue()
 
 

@@ -34,8 +34,10 @@ class IdleBackoff(ExecutionCallback):
 def progress(executor) -> tuple | None:
     """What changes whenever the pipeline moves; None if this Ray version hides it."""
     try:
-        return tuple((m.num_tasks_submitted, m.num_tasks_finished, m.num_outputs_taken)
-                     for m in (op.metrics for op in executor._topology))
+        return tuple(
+            (m.num_tasks_submitted, m.num_tasks_finished, m.num_outputs_taken)
+            for m in (op.metrics for op in executor._topology)
+        )
     except AttributeError:
         return None
 

@@ -22,17 +22,19 @@ TEXT_EXTS = ("txt", "text", "caption")
 # Serialised Python objects: loading any of them can run arbitrary code, so they are refused.
 PICKLE_EXTS = ("pth", "pt", "pkl", "pickle", "ckpt", "joblib")
 
-SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("source", pa.string()),
-    ("image", pa.binary()),
-    ("image_ext", pa.string()),
-    ("text", pa.binary()),
-    ("audio", pa.binary()),
-    ("audio_ext", pa.string()),
-    ("json", pa.binary()),
-    ("cls", pa.binary()),
-])
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("image", pa.binary()),
+        ("image_ext", pa.string()),
+        ("text", pa.binary()),
+        ("audio", pa.binary()),
+        ("audio_ext", pa.string()),
+        ("json", pa.binary()),
+        ("cls", pa.binary()),
+    ]
+)
 MODALITY_COLUMNS = {"image": "image", "text": "text", "audio": "audio"}
 
 

@@ -12,8 +12,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipelines.data.augment import (AugmentConfig, augment_audio, augment_image, augment_text, negative_captions,
-                                    sample_seed)
+from pipelines.data.augment import (
+    AugmentConfig,
+    augment_audio,
+    augment_image,
+    augment_text,
+    negative_captions,
+    sample_seed,
+)
 from pipelines.data.balance import copies
 from pipelines.data.decode import DecodeSettings, Unusable, decode_audio, decode_image, decode_meta, decode_text
 
@@ -36,14 +42,27 @@ def resolve_epoch(epoch) -> int:
 def decode_row(row: dict, settings: DecodeSettings) -> dict:
     """One reader row -> decoded fields, or the quarantine reason."""
     out = {"reason": row.get("reason") or "", "member": row.get("member") or "", "detail": row.get("detail") or ""}
-    out.update(has_image=False, has_text=False, has_audio=False, text="", caption="", question="", answer="", label="",
-               image=np.zeros((settings.image_size, settings.image_size, 3), np.uint8),
-               audio=np.zeros(int(round(settings.sample_rate * settings.max_audio_seconds)), np.float32), audio_len=0)
+    out.update(
+        has_image=False,
+        has_text=False,
+        has_audio=False,
+        text="",
+        caption="",
+        question="",
+        answer="",
+        label="",
+        image=np.zeros((settings.image_size, settings.image_size, 3), np.uint8),
+        audio=np.zeros(int(round(settings.sample_rate * settings.max_audio_seconds)), np.float32),
+        audio_len=0,
+    )
     if out["reason"]:
         return out
     try:
         if row.get("image") is not None:
-            out["image"], out["has_image"] = decode_image(row["image"], settings, f"{row['key']}.{row['image_ext']}"), True
+            out["image"], out["has_image"] = (
+                decode_image(row["image"], settings, f"{row['key']}.{row['image_ext']}"),
+                True,
+            )
         if row.get("text") is not None:
             out["text"] = out["caption"] = decode_text(row["text"], settings, f"{row['key']}.txt")
             out["has_text"] = True
@@ -66,10 +85,13 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
         out[name] = np.array([d[name] for d in decoded], dtype=object)
     for name in ("has_image", "has_text", "has_audio"):
         out[name] = np.array([d[name] for d in decoded], dtype=bool)
-    out["combo"] = np.array(["+".join(m for m in ("image", "text", "audio") if d[f"has_{m}"]) or "none"
-                             for d in decoded], dtype=object)
+    out["combo"] = np.array(
+        ["+".join(m for m in ("image", "text", "audio") if d[f"has_{m}"]) or "none" for d in decoded], dtype=object
+    )
     out["image"] = stack([d["image"] for d in decoded], (settings.image_size, settings.image_size, 3), np.uint8)
-    out["audio"] = stack([d["audio"] for d in decoded], (int(round(settings.sample_rate * settings.max_audio_seconds)),), np.float32)
+    out["audio"] = stack(
+        [d["audio"] for d in decoded], (int(round(settings.sample_rate * settings.max_audio_seconds)),), np.float32
+    )
     out["audio_len"] = np.array([d["audio_len"] for d in decoded], dtype=np.int32)
     if "epoch" in batch:  # an EpochStream row knows its epoch
         out["epoch"] = np.asarray(batch["epoch"], dtype=np.int32)
@@ -100,7 +122,9 @@ def with_epoch(batch: dict[str, np.ndarray], epoch) -> dict[str, np.ndarray]:
     return {**batch, "epoch": row_epochs(batch, epoch).astype(np.int32)}
 
 
-def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, epoch, sample_rate: int) -> dict[str, np.ndarray]:
+def augment_batch(
+    batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, epoch, sample_rate: int
+) -> dict[str, np.ndarray]:
     epochs = row_epochs(batch, epoch)
     batch = {name: values.copy() for name, values in batch.items()}
     negatives = cfg.negatives.p > 0  # no column at all when off: nothing to tokenize or ship
@@ -109,24 +133,37 @@ def augment_batch(batch: dict[str, np.ndarray], cfg: AugmentConfig, seed: int, e
     for i, key in enumerate(batch["key"]):
         epoch = int(epochs[i])
         if batch["has_image"][i]:
-            batch["image"][i] = augment_image(batch["image"][i], batch["caption"][i], cfg.image,
-                                              sample_seed(seed, epoch, key, "image"))
+            batch["image"][i] = augment_image(
+                batch["image"][i], batch["caption"][i], cfg.image, sample_seed(seed, epoch, key, "image")
+            )
         if batch["has_text"][i]:
             batch["text"][i] = augment_text(batch["text"][i], cfg.text, sample_seed(seed, epoch, key, "text"))
             # From the text the encoder reads, so the pair differs in the swapped word only.
             if negatives:
                 batch["negative"][i] = NEGATIVE_SEPARATOR.join(
-                    negative_captions(batch["text"][i], cfg.negatives, sample_seed(seed, epoch, key, "negative")))
+                    negative_captions(batch["text"][i], cfg.negatives, sample_seed(seed, epoch, key, "negative"))
+                )
         if batch["has_audio"][i]:
             batch["audio"][i], batch["audio_len"][i] = augment_audio(
-                batch["audio"][i], int(batch["audio_len"][i]), cfg.audio, sample_rate, sample_seed(seed, epoch, key, "audio"))
+                batch["audio"][i],
+                int(batch["audio_len"][i]),
+                cfg.audio,
+                sample_rate,
+                sample_seed(seed, epoch, key, "audio"),
+            )
     return batch
 
 
-def balance_batch(batch: dict[str, np.ndarray], multiplicity: dict[str, float], weights: dict[str, float],
-                  seed: int, epoch) -> dict[str, np.ndarray]:
-    repeats = np.array([copies(k, multiplicity.get(c, 1.0), seed, int(e))
-                        for k, c, e in zip(batch["key"], batch["combo"], row_epochs(batch, epoch))], dtype=np.int64)
+def balance_batch(
+    batch: dict[str, np.ndarray], multiplicity: dict[str, float], weights: dict[str, float], seed: int, epoch
+) -> dict[str, np.ndarray]:
+    repeats = np.array(
+        [
+            copies(k, multiplicity.get(c, 1.0), seed, int(e))
+            for k, c, e in zip(batch["key"], batch["combo"], row_epochs(batch, epoch))
+        ],
+        dtype=np.int64,
+    )
     out = take(batch, np.repeat(np.arange(len(repeats)), repeats))
     out["weight"] = np.array([weights.get(c, 1.0) for c in out["combo"]], dtype=np.float32)
     return out
@@ -148,7 +185,9 @@ def token_matrix(tokenizer, texts, width: int, present=None) -> np.ndarray:
     return ids
 
 
-def tensor_batch(batch: dict[str, np.ndarray], tokenizer_json: str, answers: tuple[str, ...], max_text_len: int) -> dict[str, np.ndarray]:
+def tensor_batch(
+    batch: dict[str, np.ndarray], tokenizer_json: str, answers: tuple[str, ...], max_text_len: int
+) -> dict[str, np.ndarray]:
     """Numbers only: what iter_torch_batches can turn into tensors (no str, dict or bytes)."""
     tokenizer = cached_tokenizer(tokenizer_json)
     index = {answer: i for i, answer in enumerate(answers)}

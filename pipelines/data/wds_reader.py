@@ -12,8 +12,9 @@ import gzip
 import posixpath
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import IO, Iterator
+from typing import IO
 
 from pipelines.data.records import SCHEMA, combination, empty_record, field_of, is_pickle
 
@@ -89,7 +90,9 @@ def assemble(key: str, source: str, members: list[Member], limit: int) -> dict |
         if column in ("image", "audio"):
             record[f"{column}_ext"] = field.lower().rsplit(".", 1)[-1]
     if combination(record) == "none":
-        return Rejected(key, source, members[0].name if members else "", "no_modality", "no image, text or audio member")
+        return Rejected(
+            key, source, members[0].name if members else "", "no_modality", "no image, text or audio member"
+        )
     return record
 
 
@@ -104,13 +107,13 @@ class TailTracker:
     def read(self, size=-1) -> bytes:
         data = self.raw.read(size)
         self.total += len(data)
-        self.tail = (self.tail + data)[-self.KEEP:]
+        self.tail = (self.tail + data)[-self.KEEP :]
         return data
 
     def block_at(self, offset: int) -> bytes | None:
         """The 512 bytes at `offset` of the stream, if they were delivered and are still kept."""
         start = offset - (self.total - len(self.tail))
-        return self.tail[start:start + 512] if 0 <= start and offset + 512 <= self.total else None
+        return self.tail[start : start + 512] if 0 <= start and offset + 512 <= self.total else None
 
 
 class ChainedStream:
@@ -189,8 +192,13 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
             key = member_key
             bucket.append(member)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        yield Rejected(key if bucket else "", source, bucket[-1].name if bucket else "", "corrupt_tar",
-                       f"{type(err).__name__}: {err}")
+        yield Rejected(
+            key if bucket else "",
+            source,
+            bucket[-1].name if bucket else "",
+            "corrupt_tar",
+            f"{type(err).__name__}: {err}",
+        )
         return
     if bucket:
         yield assemble(key, source, bucket, limit)

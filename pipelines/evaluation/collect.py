@@ -7,8 +7,8 @@ content filter here, so every figure describes what a user would actually be sho
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -36,15 +36,30 @@ class Collected:
     audio: list[np.ndarray] = field(default_factory=list)  # waveforms of the first samples
 
     def stacked(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return ({m: torch.cat(v) for m, v in self.embeddings.items()}, {m: torch.cat(v) for m, v in self.present.items()})
+        return (
+            {m: torch.cat(v) for m, v in self.embeddings.items()},
+            {m: torch.cat(v) for m, v in self.present.items()},
+        )
 
     def flag(self, modality: str) -> np.ndarray:
-        return torch.cat(self.present[modality]).numpy() if modality in self.present else np.zeros(len(self.references), bool)
+        return (
+            torch.cat(self.present[modality]).numpy()
+            if modality in self.present
+            else np.zeros(len(self.references), bool)
+        )
 
 
 @torch.no_grad()
-def collect(model, tokenizer, answer_names: list[str], batches: Iterable[tuple[dict, dict]], safety: SafetyFilter,
-            beam_size: int = 1, max_tokens: int = 32, keep_media: int = 64) -> Collected:
+def collect(
+    model,
+    tokenizer,
+    answer_names: list[str],
+    batches: Iterable[tuple[dict, dict]],
+    safety: SafetyFilter,
+    beam_size: int = 1,
+    max_tokens: int = 32,
+    keep_media: int = 64,
+) -> Collected:
     """`batches` yields (model batch, raw tensors) pairs: the raw images and waveforms feed the plots."""
     out = Collected()
     for batch, raw in batches:
@@ -54,7 +69,9 @@ def collect(model, tokenizer, answer_names: list[str], batches: Iterable[tuple[d
             out.embeddings.setdefault(m, []).append(e.float().cpu())
             out.present.setdefault(m, []).append(model.present(batch, m, size, e.device).cpu())
         has_text = batch["has_text"].tolist()
-        out.references += [tokenizer.decode(ids) if ok else "" for ids, ok in zip(batch["caption_ids"].tolist(), has_text)]
+        out.references += [
+            tokenizer.decode(ids) if ok else "" for ids, ok in zip(batch["caption_ids"].tolist(), has_text)
+        ]
         asked = (batch["answer_label"] >= 0).tolist()
         out.questions += [tokenizer.decode(ids) if ok else "" for ids, ok in zip(batch["question_ids"].tolist(), asked)]
         out.answers += [answer_names[label] if ok else "" for label, ok in zip(batch["answer_label"].tolist(), asked)]

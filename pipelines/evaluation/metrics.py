@@ -49,7 +49,9 @@ def recall_curve(ranks: torch.Tensor, max_k: int) -> np.ndarray:
     return np.array([float((ranks < k).float().mean()) for k in range(1, max_k + 1)])
 
 
-def all_directions(embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+def all_directions(
+    embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, int]]:
     """'source_to_target' -> (ranks, candidates) for every ordered pair of modalities."""
     out = {}
     for source, target in permutations(embeddings, 2):
@@ -91,8 +93,20 @@ def cider(hypotheses: list[str], references: list[list[str]]) -> float:
 
 
 # -- VQA -------------------------------------------------------------------------------------
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = {"a", "an", "the"}
 
 

@@ -36,7 +36,11 @@ def similarity_heatmap(collected: Collected, path: Path, size: int = 32) -> Path
     fig, ax = plt.subplots(figsize=(7, 6))
     shown = ax.imshow(sims, cmap="viridis")
     fig.colorbar(shown, ax=ax, label="cosine similarity")
-    ax.set(xlabel="image", ylabel="text", title=f"text x image similarity, first {len(rows)} test pairs\n(matching pairs on the diagonal)")
+    ax.set(
+        xlabel="image",
+        ylabel="text",
+        title=f"text x image similarity, first {len(rows)} test pairs\n(matching pairs on the diagonal)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -49,7 +53,11 @@ def recall_curves(collected: Collected, path: Path, max_k: int = 50) -> Path:
     fig, ax = plt.subplots(figsize=(7, 5))
     for direction, (ranks, candidates) in sorted(all_directions(embeddings, present).items()):
         k = min(max_k, candidates)
-        ax.plot(np.arange(1, k + 1), recall_curve(ranks, k), label=f"{direction.replace('_to_', ' -> ')} ({candidates} candidates)")
+        ax.plot(
+            np.arange(1, k + 1),
+            recall_curve(ranks, k),
+            label=f"{direction.replace('_to_', ' -> ')} ({candidates} candidates)",
+        )
     ax.set(xscale="log", xlabel="K", ylabel="recall@K", ylim=(0, 1.02), title="retrieval recall@K on the test split")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -62,7 +70,9 @@ def recall_curves(collected: Collected, path: Path, max_k: int = 50) -> Path:
 def log_mel(wave: np.ndarray, sample_rate: int) -> np.ndarray:
     import librosa
 
-    mel = librosa.feature.melspectrogram(y=wave.astype(np.float32), sr=sample_rate, n_fft=400, hop_length=160, n_mels=40)
+    mel = librosa.feature.melspectrogram(
+        y=wave.astype(np.float32), sr=sample_rate, n_fft=400, hop_length=160, n_mels=40
+    )
     return librosa.power_to_db(mel, ref=np.max)
 
 
@@ -79,14 +89,21 @@ def example_grid(collected: Collected, path: Path, sample_rate: int, per_kind: i
     media = len(collected.images)
     has = {m: np.flatnonzero(flags[m][:media]) for m in ("text", "image", "audio")}
     queries = [("text", "image", i) for i in np.intersect1d(has["text"], has["image"])[:per_kind]]
-    queries += [("image", "text", i) for i in np.intersect1d(has["image"], has["text"])[per_kind:2 * per_kind]]
-    queries += [("audio", "text", i) for i in np.intersect1d(has["audio"], has["text"])[2 * per_kind:3 * per_kind]]
+    queries += [("image", "text", i) for i in np.intersect1d(has["image"], has["text"])[per_kind : 2 * per_kind]]
+    queries += [("audio", "text", i) for i in np.intersect1d(has["audio"], has["text"])[2 * per_kind : 3 * per_kind]]
     fig, axes = plt.subplots(len(queries), 4, figsize=(13, 2.3 * len(queries)), squeeze=False)
     for row, (source, target, index) in enumerate(queries):
         draw_item(axes[row][0], collected, source, index, sample_rate, title=f"{source} query")
         for col, (hit, score) in enumerate(top3(embeddings[source][index], embeddings[target], has[target]), 1):
-            draw_item(axes[row][col], collected, target, hit, sample_rate,
-                      title=f"#{col}  {score:+.2f}" + ("  (match)" if hit == index else ""), good=hit == index)
+            draw_item(
+                axes[row][col],
+                collected,
+                target,
+                hit,
+                sample_rate,
+                title=f"#{col}  {score:+.2f}" + ("  (match)" if hit == index else ""),
+                good=hit == index,
+            )
     fig.suptitle("example queries and their top-3 results (test split)")
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=90)
@@ -94,7 +111,9 @@ def example_grid(collected: Collected, path: Path, sample_rate: int, per_kind: i
     return path
 
 
-def draw_item(ax, collected: Collected, modality: str, index: int, sample_rate: int, title: str, good: bool | None = None):
+def draw_item(
+    ax, collected: Collected, modality: str, index: int, sample_rate: int, title: str, good: bool | None = None
+):
     ax.set_xticks([])
     ax.set_yticks([])
     if modality == "image":
@@ -102,7 +121,9 @@ def draw_item(ax, collected: Collected, modality: str, index: int, sample_rate: 
     elif modality == "audio":
         ax.imshow(log_mel(collected.audio[index], sample_rate), origin="lower", aspect="auto", cmap="magma")
     else:
-        ax.text(0.02, 0.5, textwrap.fill(collected.references[index], 34), va="center", fontsize=8, transform=ax.transAxes)
+        ax.text(
+            0.02, 0.5, textwrap.fill(collected.references[index], 34), va="center", fontsize=8, transform=ax.transAxes
+        )
     ax.set_title(title, fontsize=9, color={True: "green", False: "firebrick", None: "black"}[good])
     if good is not None:
         for spine in ax.spines.values():

@@ -44,8 +44,11 @@ def vqa_scores(collected: Collected, context: str, rows: np.ndarray) -> dict[str
     references = [[collected.answers[i]] for i in rows]
     if not len(rows):
         return {"questions": 0}
-    return {"exact": float(np.mean([vqa_exact(p, r) for p, r in zip(predicted, references)])),
-            "soft": float(np.mean([vqa_soft(p, r) for p, r in zip(predicted, references)])), "questions": len(rows)}
+    return {
+        "exact": float(np.mean([vqa_exact(p, r) for p, r in zip(predicted, references)])),
+        "soft": float(np.mean([vqa_soft(p, r) for p, r in zip(predicted, references)])),
+        "questions": len(rows),
+    }
 
 
 def evaluation_metrics(collected: Collected) -> dict[str, float]:
@@ -81,9 +84,15 @@ def example_table(collected: Collected, limit: int = 200) -> list[dict]:
     rows = []
     flags = modality_flags(collected)
     for i in range(min(limit, len(collected.references))):
-        rows.append({"sample": i, "has": "+".join(m for m in ("image", "text", "audio") if flags[m][i]),
-                     "reference_caption": collected.references[i],
-                     **{f"caption_from_{c}": collected.captions[c][i] for c in CONTEXTS},
-                     "question": collected.questions[i], "reference_answer": collected.answers[i],
-                     **{f"answer_from_{c}": collected.predicted[c][i] for c in CONTEXTS}})
+        rows.append(
+            {
+                "sample": i,
+                "has": "+".join(m for m in ("image", "text", "audio") if flags[m][i]),
+                "reference_caption": collected.references[i],
+                **{f"caption_from_{c}": collected.captions[c][i] for c in CONTEXTS},
+                "question": collected.questions[i],
+                "reference_answer": collected.answers[i],
+                **{f"answer_from_{c}": collected.predicted[c][i] for c in CONTEXTS},
+            }
+        )
     return rows

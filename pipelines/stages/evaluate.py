@@ -27,13 +27,23 @@ from pipelines.evaluation.plots import example_grid, recall_curves, similarity_h
 from pipelines.evaluation.report import evaluation_metrics, example_table
 from pipelines.storage import Storage
 
-HEADLINE = ("retrieval.text_to_image.r1", "retrieval.image_to_text.r1", "retrieval.audio_to_text.r1",
-            "caption.image.bleu4", "caption.image.cider", "caption.audio.cider", "vqa.image_audio.exact",
-            "robustness.vqa.without_image.exact", "safety.captions.blocked")
+HEADLINE = (
+    "retrieval.text_to_image.r1",
+    "retrieval.image_to_text.r1",
+    "retrieval.audio_to_text.r1",
+    "caption.image.bleu4",
+    "caption.image.cider",
+    "caption.audio.cider",
+    "vqa.image_audio.exact",
+    "robustness.vqa.without_image.exact",
+    "safety.captions.blocked",
+)
 
 
 class EvaluateConfig(Strict):
-    model: str | None = Field(None, description="null: the train stage's model; else a folder, runs:/<id>/model or models:/<name>@<alias>")
+    model: str | None = Field(
+        None, description="null: the train stage's model; else a folder, runs:/<id>/model or models:/<name>@<alias>"
+    )
     split: str = Field("test", min_length=1)
     batch_size: int = Field(64, ge=1)
     beam_size: int = Field(1, ge=1, le=16, description="beam width for captions (1 = greedy)")
@@ -47,29 +57,48 @@ class EvaluateConfig(Strict):
 def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     spec = DatasetSpec(**Storage(ctx.inputs["prepare"].outputs["spec"]).read_json())
     if cfg.split not in spec.shards:
-        raise StageError(f"evaluate.split: no {cfg.split!r} split in the prepared data (splits: {', '.join(spec.shards)})")
+        raise StageError(
+            f"evaluate.split: no {cfg.split!r} split in the prepared data (splits: {', '.join(spec.shards)})"
+        )
     ref = cfg.model or ctx.inputs["train"].outputs["model"]
     saved = load_stage_model(ref, ctx.tracking_uri)
     limit_data_cpus(spec.data_cpus)
     safety = SafetyFilter(cfg.safety)
     batches = split_batches(spec, cfg.split, cfg.batch_size, cfg.max_samples)
-    collected = collect(saved.model, saved.tokenizer, saved.answers or spec.answers, batches, safety,
-                        cfg.beam_size, cfg.max_caption_tokens, keep_media=cfg.max_samples or 100_000)
+    collected = collect(
+        saved.model,
+        saved.tokenizer,
+        saved.answers or spec.answers,
+        batches,
+        safety,
+        cfg.beam_size,
+        cfg.max_caption_tokens,
+        keep_media=cfg.max_samples or 100_000,
+    )
     metrics = evaluation_metrics(collected)
-    print(f"evaluate: {ref} on {cfg.split} ({metrics['samples']} samples): "
-          + ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics))
+    print(
+        f"evaluate: {ref} on {cfg.split} ({metrics['samples']} samples): "
+        + ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics)
+    )
     artifacts = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        plots = [similarity_heatmap(collected, folder / "similarity.png"), recall_curves(collected, folder / "recall_at_k.png"),
-                 example_grid(collected, folder / "examples.png", saved.model.cfg.sample_rate)]
+        plots = [
+            similarity_heatmap(collected, folder / "similarity.png"),
+            recall_curves(collected, folder / "recall_at_k.png"),
+            example_grid(collected, folder / "examples.png", saved.model.cfg.sample_rate),
+        ]
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for path in [*plots, folder / "metrics.json"]:
             ctx.output.write_bytes(path.read_bytes(), path.name)
             artifacts[f"plots/{path.name}" if path.suffix == ".png" else path.name] = ctx.output.child(path.name).uri
-    return StageResult(outputs={"metrics": artifacts["metrics.json"], "model": str(ref)}, metrics=metrics,
-                       summary={k: metrics[k] for k in HEADLINE if k in metrics},
-                       tables={"examples": example_table(collected, cfg.table_rows)}, artifacts=artifacts)
+    return StageResult(
+        outputs={"metrics": artifacts["metrics.json"], "model": str(ref)},
+        metrics=metrics,
+        summary={k: metrics[k] for k in HEADLINE if k in metrics},
+        tables={"examples": example_table(collected, cfg.table_rows)},
+        artifacts=artifacts,
+    )
 
 
 def load_stage_model(ref: str, tracking_uri: str):

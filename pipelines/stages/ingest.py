@@ -12,8 +12,9 @@ import hashlib
 import json
 import posixpath
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -40,8 +41,9 @@ class DemoWorldConfig(Strict):
     audio_format: Literal["wav", "flac"] = "flac"
     missing_image: float = Field(0.10, ge=0.0, le=1.0)
     missing_audio: float = Field(0.15, ge=0.0, le=1.0)
-    shape_counts: list[float] = Field(list(SHAPE_COUNTS), min_length=1, max_length=3,
-                                      description="probability of a scene with 1, 2, 3 shapes")
+    shape_counts: list[float] = Field(
+        list(SHAPE_COUNTS), min_length=1, max_length=3, description="probability of a scene with 1, 2, 3 shapes"
+    )
 
     @model_validator(mode="after")
     def _fractions(self):
@@ -142,7 +144,7 @@ def plan_units(cfg: IngestConfig) -> tuple[list[Unit], list[dict]]:
 
 
 def chunk(items: list, size: int, kind: str) -> list[Unit]:
-    return [Unit(i, kind, items[start:start + size]) for i, start in enumerate(range(0, len(items), size))]
+    return [Unit(i, kind, items[start : start + size]) for i, start in enumerate(range(0, len(items), size))]
 
 
 def shard_files(source: Storage) -> list[str]:
@@ -177,7 +179,9 @@ def manifest_entries(source: Storage, shown: str) -> tuple[list[tuple[int, dict]
             if not isinstance(entry, dict):
                 raise ValueError(f"expected an object, got {type(entry).__name__}")
         except ValueError as err:
-            rejected.append(Rejected(f"line-{line_no}", f"{shown}:{line_no}", "", "invalid_manifest_line", str(err)).as_dict())
+            rejected.append(
+                Rejected(f"line-{line_no}", f"{shown}:{line_no}", "", "invalid_manifest_line", str(err)).as_dict()
+            )
             continue
         entries.append((line_no, entry))
     if not entries and not rejected:
@@ -216,7 +220,9 @@ def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
             yield from read_tar(stream, unit.items[0], limit)
     elif unit.kind == "folder":
         for key, files in unit.items:
-            yield assemble(key, posixpath.dirname(files[0][0]), [read_member(uri, limit, name) for uri, name in files], limit)
+            yield assemble(
+                key, posixpath.dirname(files[0][0]), [read_member(uri, limit, name) for uri, name in files], limit
+            )
     else:
         for line_no, entry in unit.items:
             yield manifest_sample(cfg.path, line_no, entry, limit)

@@ -51,8 +51,9 @@ class PrepareConfig(Strict):
     preview_samples: int = Field(8, ge=0, le=32)
 
     def decode_settings(self) -> DecodeSettings:
-        return DecodeSettings(self.image_size, self.max_image_pixels, self.sample_rate, self.max_audio_seconds,
-                              self.max_text_chars)
+        return DecodeSettings(
+            self.image_size, self.max_image_pixels, self.sample_rate, self.max_audio_seconds, self.max_text_chars
+        )
 
 
 def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
@@ -60,12 +61,25 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
     index_uri = ctx.inputs["shard"].outputs["index"]
     index = Storage(index_uri).read_json()
     root = posixpath.dirname(index_uri)
-    shards = {split: [Storage(root).child(s["path"]).uri for s in info["shards"]] for split, info in index["splits"].items()}
+    shards = {
+        split: [Storage(root).child(s["path"]).uri for s in info["shards"]] for split, info in index["splits"].items()
+    }
     if not shards.get("train"):
         raise StageError("prepare: the shard index has no train shards")
-    spec = DatasetSpec(shards=shards, decode=cfg.decode_settings().__dict__, tokenizer_json="", answers=[],
-                       max_text_len=cfg.max_text_len, augment=cfg.augment, multiplicity={}, weights={}, seed=cfg.seed,
-                       member_limit=int(cfg.max_member_mb * 2**20), batch_size=cfg.batch_size, data_cpus=cfg.data_cpus)
+    spec = DatasetSpec(
+        shards=shards,
+        decode=cfg.decode_settings().__dict__,
+        tokenizer_json="",
+        answers=[],
+        max_text_len=cfg.max_text_len,
+        augment=cfg.augment,
+        multiplicity={},
+        weights={},
+        seed=cfg.seed,
+        member_limit=int(cfg.max_member_mb * 2**20),
+        batch_size=cfg.batch_size,
+        data_cpus=cfg.data_cpus,
+    )
     if cfg.materialize:
         spec = spec.model_copy(update={"materialized": materialize(spec, ctx.output)})
     rows = summarize(spec)
@@ -74,48 +88,81 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
     usable = [r for r in rows if not r["reason"]]
     if len(rows) != len(usable) + len(quarantined):  # pragma: no cover - a broken invariant is a bug
         raise AssertionError("samples in != samples out + quarantined")
-    ctx.output.write_bytes("".join(json.dumps({k: r[k] for k in ("key", "source", "member", "reason", "detail")}) + "\n"
-                                   for r in quarantined).encode(), "quarantine.jsonl")
+    ctx.output.write_bytes(
+        "".join(
+            json.dumps({k: r[k] for k in ("key", "source", "member", "reason", "detail")}) + "\n" for r in quarantined
+        ).encode(),
+        "quarantine.jsonl",
+    )
     train = [r for r in usable if r["split"] == "train"]
     if not train:
         raise StageError("prepare: no usable train samples (see quarantine.jsonl)")
 
-    tokenizer = Tokenizer.train([t for r in train for t in (r["caption"], r["question"], r["answer"]) if t], cfg.vocab_size)
+    tokenizer = Tokenizer.train(
+        [t for r in train for t in (r["caption"], r["question"], r["answer"]) if t], cfg.vocab_size
+    )
     ctx.output.write_bytes(tokenizer.to_json().encode(), "tokenizer.json")
-    answers = [a for a, _ in Counter(r["answer"] for r in train if r["answer"] and r["question"]).most_common(cfg.max_answers)]
+    answers = [
+        a for a, _ in Counter(r["answer"] for r in train if r["answer"] and r["question"]).most_common(cfg.max_answers)
+    ]
     ctx.output.write_json(answers, "answers.json")
 
     plan = balance_plan(cfg, train)
     ctx.output.write_json(plan, "balance.json")
-    ctx.output.write_bytes(balance_histogram(plan["before"], plan["after_epoch0"], cfg.balance.target), "plots", "balance.png")
+    ctx.output.write_bytes(
+        balance_histogram(plan["before"], plan["after_epoch0"], cfg.balance.target), "plots", "balance.png"
+    )
 
-    spec = spec.model_copy(update={"tokenizer_json": tokenizer.to_json(), "answers": answers,
-                                   "multiplicity": plan["multiplicity"], "weights": plan["weights"]})
+    spec = spec.model_copy(
+        update={
+            "tokenizer_json": tokenizer.to_json(),
+            "answers": answers,
+            "multiplicity": plan["multiplicity"],
+            "weights": plan["weights"],
+        }
+    )
     ctx.output.write_json(spec.model_dump(mode="json"), "dataset_spec.json")
     preview_rows = preview(spec, cfg, ctx.output)
     first_batch = consumer_check(spec)
 
     reasons = Counter(r["reason"] for r in quarantined)
     per_split = Counter(r["split"] for r in usable)
-    metrics = {"samples_in": len(rows), "samples_usable": len(usable), "quarantined": len(quarantined),
-               "vocab_size": tokenizer.vocab_size, "answers": len(answers), "first_batch_seconds": first_batch}
+    metrics = {
+        "samples_in": len(rows),
+        "samples_usable": len(usable),
+        "quarantined": len(quarantined),
+        "vocab_size": tokenizer.vocab_size,
+        "answers": len(answers),
+        "first_batch_seconds": first_batch,
+    }
     metrics |= {f"quarantined.{reason}": n for reason, n in reasons.items()}
     metrics |= {f"samples.{split}": n for split, n in per_split.items()}
     metrics |= {f"balance.before.{c}": n for c, n in plan["before"].items()}
     metrics |= {f"balance.after.{c}": n for c, n in plan["after_epoch0"].items()}
-    print(f"prepare: {len(rows)} samples in, {len(usable)} usable, {len(quarantined)} quarantined {dict(reasons) or ''}; "
-          f"vocabulary {tokenizer.vocab_size}, {len(answers)} answers; first batch in {first_batch:.1f} s")
+    print(
+        f"prepare: {len(rows)} samples in, {len(usable)} usable, {len(quarantined)} quarantined {dict(reasons) or ''}; "
+        f"vocabulary {tokenizer.vocab_size}, {len(answers)} answers; first batch in {first_batch:.1f} s"
+    )
     out = ctx.output.uri
     return StageResult(
-        outputs={"spec": f"{out}/dataset_spec.json", "tokenizer": f"{out}/tokenizer.json",
-                 "quarantine": f"{out}/quarantine.jsonl"},
+        outputs={
+            "spec": f"{out}/dataset_spec.json",
+            "tokenizer": f"{out}/tokenizer.json",
+            "quarantine": f"{out}/quarantine.jsonl",
+        },
         metrics=metrics,
         summary={"usable": dict(per_split), "quarantined": dict(reasons), "answers": len(answers)},
-        tables={"quarantine": [{k: r[k] for k in ("key", "source", "member", "reason", "detail")} for r in quarantined][:5000],
-                "augmentation_texts": preview_rows},
-        artifacts={"plots/balance.png": f"{out}/plots/balance.png",
-                   "plots/augmentation_preview.png": f"{out}/plots/augmentation_preview.png",
-                   "balance.json": f"{out}/balance.json"},
+        tables={
+            "quarantine": [{k: r[k] for k in ("key", "source", "member", "reason", "detail")} for r in quarantined][
+                :5000
+            ],
+            "augmentation_texts": preview_rows,
+        },
+        artifacts={
+            "plots/balance.png": f"{out}/plots/balance.png",
+            "plots/augmentation_preview.png": f"{out}/plots/augmentation_preview.png",
+            "balance.json": f"{out}/balance.json",
+        },
     )
 
 
@@ -146,8 +193,13 @@ def balance_plan(cfg: PrepareConfig, train: list[dict]) -> dict:
     for r in train:
         keys[r["combo"]].append(r["key"])
     after = expected_counts(keys, mult, cfg.seed, epoch=0)
-    return {"before": dict(before), "target": cfg.balance.target, "multiplicity": mult, "after_epoch0": after,
-            "weights": loss_weights(after, cfg.balance.loss_weights)}
+    return {
+        "before": dict(before),
+        "target": cfg.balance.target,
+        "multiplicity": mult,
+        "after_epoch0": after,
+        "weights": loss_weights(after, cfg.balance.loss_weights),
+    }
 
 
 def preview(spec: DatasetSpec, cfg: PrepareConfig, out: Storage) -> list[dict]:

@@ -72,13 +72,20 @@ def shard(cfg: ShardConfig, ctx: StageContext) -> StageResult:
     index = build_index([entry for part in written for entry in part], cfg)
     ctx.output.write_json(index, "index.json")
     dropped = sum(len(rows) for rows in duplicates.values())
-    metrics = {"shards": sum(len(s["shards"]) for s in index["splits"].values()), "duplicate_keys": dropped,
-               "bytes": sum(sh["bytes"] for s in index["splits"].values() for sh in s["shards"])}
+    metrics = {
+        "shards": sum(len(s["shards"]) for s in index["splits"].values()),
+        "duplicate_keys": dropped,
+        "bytes": sum(sh["bytes"] for s in index["splits"].values() for sh in s["shards"]),
+    }
     for name, split in index["splits"].items():
         metrics[f"samples.{name}"] = split["samples"]
         metrics |= {f"samples.{name}.{combo}": n for combo, n in split["combinations"].items()}
-    print("shard: " + ", ".join(f"{name} {s['samples']} samples in {len(s['shards'])} shards"
-                                for name, s in index["splits"].items()))
+    print(
+        "shard: "
+        + ", ".join(
+            f"{name} {s['samples']} samples in {len(s['shards'])} shards" for name, s in index["splits"].items()
+        )
+    )
     return StageResult(
         outputs={"shards": ctx.output.uri, "index": ctx.output.uri + "/index.json"},
         metrics=metrics,
@@ -139,7 +146,7 @@ def write_shards(unit: tuple[int, str, list[int]], cfg: ShardConfig, out: Storag
     for split, records in by_split.items():
         for number, start in enumerate(range(0, len(records), cfg.samples_per_shard)):
             name = f"{split}/shard-{part_index:05d}-{number:04d}.tar"
-            entries.append({"split": split, **write_tar(out, name, records[start:start + cfg.samples_per_shard])})
+            entries.append({"split": split, **write_tar(out, name, records[start : start + cfg.samples_per_shard])})
     return entries
 
 
@@ -147,13 +154,19 @@ def write_tar(out: Storage, name: str, records: list[dict]) -> dict:
     with out.open_write(name) as stream:
         hashing = HashingWriter(stream)
         # Fixed mtime/owner make the bytes (and the sha256) reproducible; PAX allows long keys.
-        with wds.TarWriter(hashing, encoder=False, mtime=0.0, user="crossmodal", group="crossmodal",
-                           mode=0o444, format="PAX_FORMAT") as writer:
+        with wds.TarWriter(
+            hashing, encoder=False, mtime=0.0, user="crossmodal", group="crossmodal", mode=0o444, format="PAX_FORMAT"
+        ) as writer:
             for record in records:
                 writer.write(members(record))
     combos = Counter(combination(r) for r in records)
-    return {"path": name, "samples": len(records), "bytes": hashing.size, "sha256": hashing.sha.hexdigest(),
-            "combinations": dict(combos)}
+    return {
+        "path": name,
+        "samples": len(records),
+        "bytes": hashing.size,
+        "sha256": hashing.sha.hexdigest(),
+        "combinations": dict(combos),
+    }
 
 
 def build_index(entries: list[dict], cfg: ShardConfig) -> dict:
@@ -169,5 +182,9 @@ def build_index(entries: list[dict], cfg: ShardConfig) -> dict:
             "combinations": dict(sorted(combos.items())),
             "shards": [{k: e[k] for k in ("path", "samples", "bytes", "sha256")} for e in mine],
         }
-    return {"format": INDEX_FORMAT, "split_rule": "sha1(key)[:8] / 2**64 along the split fractions in name order",
-            "samples_per_shard": cfg.samples_per_shard, "splits": splits}
+    return {
+        "format": INDEX_FORMAT,
+        "split_rule": "sha1(key)[:8] / 2**64 along the split fractions in name order",
+        "samples_per_shard": cfg.samples_per_shard,
+        "splits": splits,
+    }

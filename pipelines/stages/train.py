@@ -27,8 +27,15 @@ from pipelines.training.evaluation import collect, summarize
 from pipelines.training.ray_worker import train_loop_per_worker
 
 # The figures the demo must reach on its test split (issue: learning for real).
-REPORTED = ("text_to_image.r1", "image_to_text.r1", "audio_to_text.r1", "text_to_audio.r1", "image_to_audio.r1",
-            "vqa_accuracy", "caption_loss")
+REPORTED = (
+    "text_to_image.r1",
+    "image_to_text.r1",
+    "audio_to_text.r1",
+    "text_to_audio.r1",
+    "image_to_audio.r1",
+    "vqa_accuracy",
+    "caption_loss",
+)
 
 
 def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
@@ -40,8 +47,10 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
         raise StageError("train: the shard stage must write 'val' and 'test' splits (shard.splits)")
     tokenizer = Tokenizer.from_json(spec.tokenizer_json)
     model_cfg = model_config_for(cfg, spec, tokenizer)
-    print(f"train: model {cfg.model.size} ({parameter_counts(CrossModalModel(model_cfg))['total']:,} parameters), "
-          f"{cfg.workers} workers, ZeRO-{cfg.zero_stage} {cfg.precision}")
+    print(
+        f"train: model {cfg.model.size} ({parameter_counts(CrossModalModel(model_cfg))['total']:,} parameters), "
+        f"{cfg.workers} workers, ZeRO-{cfg.zero_stage} {cfg.precision}"
+    )
     limit_data_cpus(spec.data_cpus)
     clock = EpochClock.remote(0)
     try:
@@ -55,14 +64,23 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
         checkpoints.remove_tree(run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "model": model_cfg.to_dict(), "clock": clock,
-                           "tracking_uri": ctx.tracking_uri, "run_id": ctx.run_id},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "model": model_cfg.to_dict(),
+            "clock": clock,
+            "tracking_uri": ctx.tracking_uri,
+            "run_id": ctx.run_id,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
         datasets={"train": train_data, "val": build_dataset(spec, "val")},
-        run_config=RunConfig(name=run_name, storage_path=checkpoints.uri,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=checkpoints.uri,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -74,11 +92,16 @@ def train(cfg: TrainConfig, ctx: StageContext) -> StageResult:
     model = CrossModalModel(model_cfg)
     model.load_state_dict(state)
     model.eval()
-    model_uri = save_model(SavedModel(model, tokenizer, spec.answers, {"run_id": ctx.run_id, "checkpoint": result.checkpoint.path}),
-                           ctx.output.child("model"))
+    model_uri = save_model(
+        SavedModel(model, tokenizer, spec.answers, {"run_id": ctx.run_id, "checkpoint": result.checkpoint.path}),
+        ctx.output.child("model"),
+    )
     metrics = summarize(collect(model, test_batches(spec)))
-    print("train: test split: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in REPORTED if k in metrics)
-          + f" ({metrics.get('text_to_image.candidates', 0)} image candidates, {metrics['samples']} samples)")
+    print(
+        "train: test split: "
+        + ", ".join(f"{k} {metrics[k]:.3f}" for k in REPORTED if k in metrics)
+        + f" ({metrics.get('text_to_image.candidates', 0)} image candidates, {metrics['samples']} samples)"
+    )
     files = ("model.safetensors", "config.json", "tokenizer.json")
     return StageResult(
         outputs={"model": model_uri, "checkpoint": result.checkpoint.path},
@@ -116,4 +139,3 @@ def save_model(saved: SavedModel, target: Storage) -> str:
 def test_batches(spec: DatasetSpec):
     for batch in build_dataset(spec, "test").iter_torch_batches(batch_size=64):
         yield to_model_batch(batch)
-

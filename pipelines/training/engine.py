@@ -25,9 +25,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 
 def import_deepspeed():
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
+    )
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (module object via sys.modules: the name shadows torch)
+    import deepspeed.comm.torch
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -61,7 +63,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
         # overlap_comm reduces on a side stream, but synchronizes the device to do it.
-        zero |= {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+        zero |= {
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 5e7,
+            "allgather_bucket_size": 5e7,
+        }
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {
@@ -114,6 +121,7 @@ class Budget:
 def warmup_cosine(cfg: TrainConfig, budget: Budget | None = None):
     """Linear warm-up, then cosine decay to min_lr_ratio of the peak at max_steps, or when the
     time budget runs out if that comes first (so a run cut by max_minutes still ends annealed)."""
+
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / max(1, cfg.warmup_steps)
@@ -121,6 +129,7 @@ def warmup_cosine(cfg: TrainConfig, budget: Budget | None = None):
         if budget is not None:
             progress = max(progress, min(1.0, budget.fraction))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -137,10 +146,15 @@ def initialize(model: nn.Module, cfg: TrainConfig, world_size: int, budget: Budg
     deepspeed = import_deepspeed()
     module = ObjectiveModule(model, MultiTaskObjective(cfg.losses.weights(), cfg.model.modality_dropout))
     decay = aligned_first([p for n, p in module.named_parameters() if p.ndim >= 2 and "pos" not in n.split(".")[-1]])
-    no_decay = aligned_first([p for n, p in module.named_parameters() if not (p.ndim >= 2 and "pos" not in n.split(".")[-1])])
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
-                                  fused=os.environ["DS_ACCELERATOR"] == "cuda")  # one kernel for every parameter
+    no_decay = aligned_first(
+        [p for n, p in module.named_parameters() if not (p.ndim >= 2 and "pos" not in n.split(".")[-1])]
+    )
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        fused=os.environ["DS_ACCELERATOR"] == "cuda",
+    )  # one kernel for every parameter
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, budget))
     ds_config = deepspeed_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -157,8 +171,10 @@ def save_rng(folder: Path, rank: int) -> None:
 
     import numpy as np
 
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-               folder / f"rng-rank{rank}.pt")
+    torch.save(
+        {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        folder / f"rng-rank{rank}.pt",
+    )
 
 
 def load_rng(folder: Path, rank: int) -> bool:

@@ -8,7 +8,7 @@ candidates every sample that has the target modality, the answer the query's own
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -56,8 +56,10 @@ def gather(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return local
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, local)
-    return {name: torch.cat([part[name] for part in everything if name in part])
-            for name in set().union(*(part.keys() for part in everything))}
+    return {
+        name: torch.cat([part[name] for part in everything if name in part])
+        for name in set().union(*(part.keys() for part in everything))
+    }
 
 
 def summarize(results: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -16,9 +16,9 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -116,8 +116,15 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
             if progress.step % cfg.log_every == 0 and rank == 0:
                 now = time.perf_counter()
                 losses = {f"loss.{k}": float(v) for k, v in parts.items()}  # the only sync of the step's losses
-                sink.log({**{k: v for k, v in losses.items() if v == v}, "lr": engine.get_lr()[0],  # v == v: not NaN
-                          "samples_per_s": window_samples / (now - window_start), "epoch": progress.data_epoch}, progress.step)
+                sink.log(
+                    {
+                        **{k: v for k, v in losses.items() if v == v},
+                        "lr": engine.get_lr()[0],  # v == v: not NaN
+                        "samples_per_s": window_samples / (now - window_start),
+                        "epoch": progress.data_epoch,
+                    },
+                    progress.step,
+                )
                 window_start, window_samples = now, 0
             if data.val and progress.step % cfg.val_every == 0:
                 validate(engine, data, dtype, sink, rank, progress)
@@ -152,8 +159,13 @@ def validate(engine, data: Data, dtype, sink: Sink, rank: int, progress: Progres
 
 def checkpoint(engine, sink: Sink, rank: int, progress: Progress) -> None:
     """Every rank writes its ZeRO shard, its RNG state and the loop position into one folder."""
-    state = {"step": progress.step, "data_epoch": progress.data_epoch, "epoch_batches": progress.epoch_batches,
-             "samples": progress.samples, "train_seconds": progress.train_seconds}
+    state = {
+        "step": progress.step,
+        "data_epoch": progress.data_epoch,
+        "epoch_batches": progress.epoch_batches,
+        "samples": progress.samples,
+        "train_seconds": progress.train_seconds,
+    }
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=f"step{progress.step}", client_state={"progress": state})
         save_rng(Path(folder), rank)
@@ -168,6 +180,12 @@ def resume(engine, sink: Sink, rank: int) -> Progress:
     load_rng(folder, rank)
     state = client_state["progress"]
     # The pass restarts at the checkpoint's epoch, not at the start of the pass it was in.
-    return Progress(step=state["step"], pass_start=state["data_epoch"], batch_in_pass=state["epoch_batches"],
-                    data_epoch=state["data_epoch"], epoch_batches=state["epoch_batches"],
-                    samples=state["samples"], train_seconds=state["train_seconds"])
+    return Progress(
+        step=state["step"],
+        pass_start=state["data_epoch"],
+        batch_in_pass=state["epoch_batches"],
+        data_epoch=state["data_epoch"],
+        epoch_batches=state["epoch_batches"],
+        samples=state["samples"],
+        train_seconds=state["train_seconds"],
+    )

@@ -43,9 +43,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             ray.get(clock.set.remote(first_epoch))  # where the pass starts: its epochs' file order, augmentation
         dist.barrier()
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True,
-                                                    local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                                    local_shuffle_seed=cfg.seed * 1000 + first_epoch, **host):
+        for batch in train_shard.iter_torch_batches(
+            batch_size=cfg.micro_batch,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed * 1000 + first_epoch,
+            **host,
+        ):
             yield to_model_batch(batch, device)
 
     def val_batches():
@@ -53,8 +57,12 @@ def train_loop_per_worker(config: dict) -> None:
             yield to_model_batch(batch, device)
 
     tracker = MlflowSink(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    sink = Sink(log=tracker.log if tracker else lambda metrics, step: None, save=report, latest=restore_latest,
-                log_config=tracker.log_config if tracker else lambda ds_config: None)
+    sink = Sink(
+        log=tracker.log if tracker else lambda metrics, step: None,
+        save=report,
+        latest=restore_latest,
+        log_config=tracker.log_config if tracker else lambda ds_config: None,
+    )
     progress = train(model, cfg, Data(train_epoch, val_batches), sink, rank, world)
     if tracker:
         tracker.log({"train_seconds": progress.train_seconds, "samples_seen": progress.samples}, progress.step)
@@ -94,8 +102,9 @@ class MlflowSink:
         from pipelines.lineage import metric_name
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step)
-                                                    for k, v in metrics.items() if v == v])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items() if v == v]
+        )
 
     def log_config(self, ds_config: dict) -> None:
         self.client.log_dict(self.run_id, ds_config, "deepspeed_config.json")

@@ -34,8 +34,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     train, `epochs` data epochs from `epoch` on in one pass (`train.stream_epochs`, as the Ray
     stream: no DataLoader restart per epoch), each batch tagged with its epoch."""
 
-    def __init__(self, spec: DatasetSpec, split: str, rank: int, world: int, epoch: int, batch_size: int, train: bool,
-                 epochs: int = 1):
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        split: str,
+        rank: int,
+        world: int,
+        epoch: int,
+        batch_size: int,
+        train: bool,
+        epochs: int = 1,
+    ):
         super().__init__()
         self.spec, self.split, self.rank, self.world = spec, split, rank, world
         self.epoch, self.batch_size, self.train, self.epochs = epoch, batch_size, train, epochs
@@ -46,7 +55,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             random.Random(self.spec.seed * 1000 + epoch).shuffle(shards)
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return shards[self.rank * workers + worker::self.world * workers]
+        return shards[self.rank * workers + worker :: self.world * workers]
 
     def __iter__(self):
         for epoch in range(self.epoch, self.epoch + self.epochs):
@@ -139,7 +148,9 @@ def agree(flag: float, group) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     env.configure()
-    parser = argparse.ArgumentParser(prog="python -m pipelines.training.standalone", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.training.standalone", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--spec", required=True, help="dataset_spec.json written by the prepare stage")
     parser.add_argument("--config", required=True, help="pipeline YAML (its train section is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -149,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     args = parser.parse_args(argv)
 
-    from pipelines.configfile import ConfigError, load_section  # noqa: PLC0415 - after env.configure()
-    from pipelines.training.config import TrainConfig  # noqa: PLC0415
+    from pipelines.configfile import ConfigError, load_section
+    from pipelines.training.config import TrainConfig
 
     try:  # the train section alone: the other sections' configs import Ray and MLflow
         cfg = load_section(args.config, args.overrides, "train", TrainConfig)
@@ -208,8 +219,9 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
         batches = MicroBatches(stream, cfg.micro_batch if train_split else 64)
         # Pinned host memory (filled by the DataLoader's own thread) makes the copy to the GPU
         # asynchronous: the next batch moves while this step runs.
-        loaded = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=loader_workers,
-                                             pin_memory=device.type == "cuda")
+        loaded = torch.utils.data.DataLoader(
+            batches, batch_size=None, num_workers=loader_workers, pin_memory=device.type == "cuda"
+        )
         return in_lockstep((to_model_batch(b, device) for b in loaded), control)
 
     def save_checkpoint(folder: Path, metrics: dict) -> None:
@@ -220,16 +232,22 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
     def latest():
         return checkpoints if (checkpoints / "latest").exists() else None
 
-    sink = Sink(log=(log or print_metrics) if rank == 0 else (lambda metrics, step: None),
-                save=save_checkpoint, latest=latest)
-    data = Data(lambda epoch: loader("train", epoch, True), lambda: loader("val", 0, False) if "val" in spec.shards else None)
+    sink = Sink(
+        log=(log or print_metrics) if rank == 0 else (lambda metrics, step: None), save=save_checkpoint, latest=latest
+    )
+    data = Data(
+        lambda epoch: loader("train", epoch, True), lambda: loader("val", 0, False) if "val" in spec.shards else None
+    )
     progress = train(model, cfg, data, sink, rank, world)
     dist.barrier()
     if rank == 0:
         model.load_state_dict(consolidate(checkpoints, cfg.zero_stage))
         save(SavedModel(model.float().eval(), tokenizer, spec.answers, {"steps": progress.step}), out / "model")
-        print(f"standalone: {progress.step} steps, {progress.samples} samples in {progress.train_seconds:.1f} s; "
-              f"model in {out / 'model'}", flush=True)
+        print(
+            f"standalone: {progress.step} steps, {progress.samples} samples in {progress.train_seconds:.1f} s; "
+            f"model in {out / 'model'}",
+            flush=True,
+        )
     dist.barrier()
     return progress
 
@@ -251,7 +269,8 @@ def tracker_for(uri: str | None):
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("crossmodal-standalone") or client.get_experiment(
-        client.create_experiment("crossmodal-standalone"))
+        client.create_experiment("crossmodal-standalone")
+    )
     run_id = client.create_run(experiment.experiment_id, run_name="standalone-train").info.run_id
     return MlflowSink(uri, run_id).log
 

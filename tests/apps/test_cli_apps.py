@@ -35,8 +35,9 @@ def trained(tmp_path_factory):
     cfg = model_config("tiny", vocab_size=tokenizer.vocab_size, num_answers=len(ANSWERS))
     batch = batch_of(world, range(SAMPLES), tokenizer, cfg)
     model = CrossModalModel(cfg)
-    objective = MultiTaskObjective(LossWeights(matching=0, masked_text=0, masked_image=0, masked_audio=0, answer=0),
-                                   modality_dropout=0.5)  # captions and answers from one modality too
+    objective = MultiTaskObjective(
+        LossWeights(matching=0, masked_text=0, masked_image=0, masked_audio=0, answer=0), modality_dropout=0.5
+    )  # captions and answers from one modality too
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))
     for _ in range(STEPS):
@@ -58,8 +59,14 @@ def trained(tmp_path_factory):
     for r in records[:4]:
         (files / f"{r['key']}.jpg").write_bytes(r["image"])
         (files / f"{r['key']}.wav").write_bytes(r["audio"])
-    return {"model": str(folder), "root": root, "files": files, "records": records,
-            "captions": [r["text"].decode() for r in records], "meta": [json.loads(r["json"]) for r in records]}
+    return {
+        "model": str(folder),
+        "root": root,
+        "files": files,
+        "records": records,
+        "captions": [r["text"].decode() for r in records],
+        "meta": [json.loads(r["json"]) for r in records],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +92,11 @@ def test_index_holds_every_modality_and_counts_the_quarantined(index):
 @pytest.mark.parametrize("sample", [0, 3])
 def test_search_finds_the_same_sample_in_every_other_modality(trained, index, capsys, sample):
     key, files = trained["records"][sample]["key"], trained["files"]
-    queries = {"text": ["--text", trained["captions"][sample]], "image": ["--image", str(files / f"{key}.jpg")],
-               "audio": ["--audio", str(files / f"{key}.wav")]}
+    queries = {
+        "text": ["--text", trained["captions"][sample]],
+        "image": ["--image", str(files / f"{key}.jpg")],
+        "audio": ["--audio", str(files / f"{key}.wav")],
+    }
     for modality, query in queries.items():
         results = run_json(capsys, "search", trained["model"], str(index), *query, "-k", "5")
         assert set(results) == {"text", "image", "audio"} - {modality}
@@ -110,8 +120,15 @@ def test_the_content_filter_withholds_a_caption_through_the_cli(trained, tmp_pat
     key = trained["records"][2]["key"]
     banned = trained["meta"][2]["objects"][0]["shape"]  # a word the caption contains
     config = tmp_path / "filter.yaml"
-    config.write_text(yaml.safe_dump({"name": "t", "mlflow": {"local_store": str(tmp_path / "runs")},
-                                      "evaluate": {"safety": {"blocklist": [banned.upper()]}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "mlflow": {"local_store": str(tmp_path / "runs")},
+                "evaluate": {"safety": {"blocklist": [banned.upper()]}},
+            }
+        )
+    )
     capsys.readouterr()
     assert main(["caption", trained["model"], str(trained["files"] / f"{key}.jpg"), "--config", str(config)]) == 0
     out = capsys.readouterr()
@@ -139,8 +156,12 @@ def test_bad_input_gets_one_line_errors(trained, index, tmp_path, capsys):
     model, image = trained["model"], str(trained["files"] / f"{trained['records'][0]['key']}.jpg")
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("plain text, not a picture")
-    other = save(SavedModel(CrossModalModel(model_config("tiny", vocab_size=trained_vocab(model))),
-                            Tokenizer.load(model), list(ANSWERS)), tmp_path / "other")
+    other = save(
+        SavedModel(
+            CrossModalModel(model_config("tiny", vocab_size=trained_vocab(model))), Tokenizer.load(model), list(ANSWERS)
+        ),
+        tmp_path / "other",
+    )
     cases = [
         (["caption", model, str(tmp_path / "missing.jpg")], "missing.jpg: no such file"),
         (["caption", model, str(not_an_image)], "notes.png: not a usable image"),
@@ -151,7 +172,10 @@ def test_bad_input_gets_one_line_errors(trained, index, tmp_path, capsys):
         (["search", str(other), str(index), "--text", "a red circle"], "built by another model"),
         (["search", model, str(tmp_path), "--text", "a red circle"], "not an index"),
         (["caption", str(tmp_path / "nowhere"), image], "no such model folder"),
-        (["caption", "models:/nothing@champion", image, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"], "models:/nothing@champion"),
+        (
+            ["caption", "models:/nothing@champion", image, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+            "models:/nothing@champion",
+        ),
     ]
     for argv, message in cases:
         capsys.readouterr()

@@ -8,14 +8,21 @@ import sacrebleu
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-from pipelines.evaluation.metrics import (bleu4, caption_tokens, cider, direction_ranks, recall_curve, recall_summary,
-                                          retrieval_ranks, vqa_exact, vqa_soft)
+from pipelines.evaluation.metrics import (
+    bleu4,
+    caption_tokens,
+    cider,
+    direction_ranks,
+    recall_curve,
+    recall_summary,
+    retrieval_ranks,
+    vqa_exact,
+    vqa_soft,
+)
 
 
 def test_ranks_and_recall_from_a_known_similarity_matrix():
-    sims = torch.tensor([[0.9, 0.1, 0.5],
-                         [0.8, 0.7, 0.2],
-                         [0.3, 0.95, 0.4]])
+    sims = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.7, 0.2], [0.3, 0.95, 0.4]])
     ranks = retrieval_ranks(sims, torch.arange(3))
     assert ranks.tolist() == [0, 1, 1]  # row 1 loses to 0.8, row 2 to 0.95
     summary = recall_summary(ranks, 3)
@@ -34,10 +41,16 @@ def test_only_samples_with_both_modalities_query_and_every_target_is_a_candidate
     assert ranks.tolist() == [0, 0, 1]  # sample 2's text points at sample 3's image
 
 
-@pytest.mark.parametrize("hyps, refs", [
-    (["a red circle on the left", "two shapes: a blue square"], [["a red circle on the left"], ["a blue square at the top"]]),
-    (["there is a green triangle"], [["a green triangle in the center", "there is a green triangle."]]),
-])
+@pytest.mark.parametrize(
+    "hyps, refs",
+    [
+        (
+            ["a red circle on the left", "two shapes: a blue square"],
+            [["a red circle on the left"], ["a blue square at the top"]],
+        ),
+        (["there is a green triangle"], [["a green triangle in the center", "there is a green triangle."]]),
+    ],
+)
 def test_bleu4_is_sacrebleu_corpus_bleu(hyps, refs):
     streams = [[r[j] for r in refs] for j in range(len(refs[0]))]
     assert bleu4(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, streams, lowercase=True).score / 100)
@@ -51,8 +64,10 @@ def test_bleu4_is_one_for_identical_text_and_zero_without_4gram_overlap():
 def test_cider_matches_pycocoevalcap_and_rewards_a_perfect_corpus():
     hyps = ["a red circle on the left.", "a blue square at the top", "a purple diamond"]
     refs = [["a red circle on the left"], ["a green square at the bottom"], ["a purple diamond in the center"]]
-    expected, _ = Cider().compute_score({i: [caption_tokens(r) for r in rs] for i, rs in enumerate(refs)},
-                                        {i: [caption_tokens(h)] for i, h in enumerate(hyps)})
+    expected, _ = Cider().compute_score(
+        {i: [caption_tokens(r) for r in rs] for i, rs in enumerate(refs)},
+        {i: [caption_tokens(h)] for i, h in enumerate(hyps)},
+    )
     assert cider(hyps, refs) == pytest.approx(expected)
     perfect = cider([r[0] for r in refs], refs)
     assert perfect == pytest.approx(10.0) and cider(hyps, refs) < perfect

@@ -16,11 +16,14 @@ from tests.pipelines import toy_stages
 
 def test_pipeline_against_a_real_tracking_server(tmp_path, ray_cluster):
     port = free_port()
-    env = os.environ | {"MLFLOW_BACKEND_STORE": f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-                        "MLFLOW_ARTIFACTS": str(tmp_path / "server" / "artifacts"),
-                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    server = start_until([str(REPO / "infra" / "mlflow-server.sh"), str(port)], "Application startup complete",
-                         cwd=tmp_path, env=env)
+    env = os.environ | {
+        "MLFLOW_BACKEND_STORE": f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+        "MLFLOW_ARTIFACTS": str(tmp_path / "server" / "artifacts"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    server = start_until(
+        [str(REPO / "infra" / "mlflow-server.sh"), str(port)], "Application startup complete", cwd=tmp_path, env=env
+    )
     try:
         uri = f"http://127.0.0.1:{port}"
         cfg = load_config(DEMO_CONFIG, small_overrides(tmp_path) + [f"mlflow.tracking_uri={uri}"])

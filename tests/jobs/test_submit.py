@@ -16,8 +16,17 @@ from tests.conftest import DEMO_CONFIG, free_port, small_overrides, start_until,
 
 def test_entrypoint_quotes_every_argument():
     command = submit.entrypoint("pipelines/configs/demo.yaml", ["storage.root=/data/my runs"], only="ingest,shard")
-    assert shlex.split(command) == ["python", "-m", "pipelines", "run", "pipelines/configs/demo.yaml",
-                                    "--set", "storage.root=/data/my runs", "--only", "ingest,shard"]
+    assert shlex.split(command) == [
+        "python",
+        "-m",
+        "pipelines",
+        "run",
+        "pipelines/configs/demo.yaml",
+        "--set",
+        "storage.root=/data/my runs",
+        "--only",
+        "ingest,shard",
+    ]
 
 
 def test_config_outside_the_project_is_refused(tmp_path):
@@ -33,16 +42,30 @@ def test_config_mistake_fails_before_submitting(capsys):
 def test_submit_and_wait_runs_the_pipeline_on_the_cluster(tmp_path, capsys):
     dashboard = free_port()
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    head = start_until([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}",
-                        f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=4",
-                        # Its own agent port: the session's local cluster already holds the default one.
-                        f"--dashboard-agent-listen-port={free_port()}",
-                        "--object-store-memory=300000000", "--disable-usage-stats"],
-                       "Ray runtime started", cwd=tmp_path, env=env)
+    head = start_until(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            "--num-cpus=4",
+            # Its own agent port: the session's local cluster already holds the default one.
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--object-store-memory=300000000",
+            "--disable-usage-stats",
+        ],
+        "Ray runtime started",
+        cwd=tmp_path,
+        env=env,
+    )
     try:
         overrides = [arg for o in small_overrides(tmp_path) for arg in ("--set", o)]
-        code = submit.main([str(DEMO_CONFIG),
-                            "--address", f"http://127.0.0.1:{dashboard}", *overrides, "--only", "ingest", "--wait"])
+        code = submit.main(
+            [str(DEMO_CONFIG), "--address", f"http://127.0.0.1:{dashboard}", *overrides, "--only", "ingest", "--wait"]
+        )
         out = capsys.readouterr().out
         assert code == 0, out[-3000:]
         assert "[ingest] ran in" in out and "SUCCEEDED" in out

@@ -16,8 +16,14 @@ from pipelines.data.demo_world import ANSWERS, DemoWorld
 
 
 def world_for(cfg: ModelConfig, seed: int = 0, **kwargs) -> DemoWorld:
-    return DemoWorld(seed=seed, image_size=cfg.image_size, sample_rate=cfg.sample_rate,
-                     audio_seconds=cfg.audio_seconds, audio_format="wav", **kwargs)
+    return DemoWorld(
+        seed=seed,
+        image_size=cfg.image_size,
+        sample_rate=cfg.sample_rate,
+        audio_seconds=cfg.audio_seconds,
+        audio_format="wav",
+        **kwargs,
+    )
 
 
 def corpus(world: DemoWorld, count: int) -> list[str]:
@@ -44,11 +50,19 @@ def batch_of(world: DemoWorld, indices, tokenizer: Tokenizer, cfg: ModelConfig) 
     batch["answer_label"] = torch.tensor([ANSWERS.index(m["answer"]) for m in metas])
     batch["has_text"] = torch.ones(len(records), dtype=torch.bool)
     batch["has_image"] = torch.tensor([r["image"] is not None for r in records])
-    batch["image"] = torch.stack([image_tensor(r["image"]) if r["image"] is not None
-                                  else torch.zeros(3, cfg.image_size, cfg.image_size) for r in records])
+    batch["image"] = torch.stack(
+        [
+            image_tensor(r["image"]) if r["image"] is not None else torch.zeros(3, cfg.image_size, cfg.image_size)
+            for r in records
+        ]
+    )
     batch["has_audio"] = torch.tensor([r["audio"] is not None for r in records])
-    waves = [torch.from_numpy(sf.read(io.BytesIO(r["audio"]), dtype="float32")[0]) if r["audio"] is not None
-             else torch.zeros(cfg.audio_samples) for r in records]
+    waves = [
+        torch.from_numpy(sf.read(io.BytesIO(r["audio"]), dtype="float32")[0])
+        if r["audio"] is not None
+        else torch.zeros(cfg.audio_samples)
+        for r in records
+    ]
     batch["audio"] = torch.stack([w[: cfg.audio_samples] for w in waves])
     batch["audio_mask"] = torch.ones_like(batch["audio"], dtype=torch.bool)
     batch["weight"] = torch.ones(len(records))

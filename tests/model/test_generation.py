@@ -16,6 +16,7 @@ A, B, VOCAB = 4, 5, 6
 
 def table_step(table: dict[int, dict[int, float]]):
     """Next-token log-probs that depend only on the last token (a Markov chain)."""
+
     def step(prefixes):
         rows = []
         for prefix in prefixes.tolist():
@@ -24,6 +25,7 @@ def table_step(table: dict[int, dict[int, float]]):
                 probs[token] = p
             rows.append((probs / probs.sum()).log())
         return torch.stack(rows)
+
     return step
 
 

@@ -10,9 +10,21 @@ from model.multimodal import CrossModalModel
 from model.objectives import LossWeights, MultiTaskObjective
 
 OFF = dict(contrastive=0, matching=0, masked_text=0, masked_image=0, masked_audio=0, caption=0, answer=0, vqa=0)
-COMPONENTS = ["encoders.text", "encoders.image", "encoders.audio", "align", "logit_scale", "to_fusion", "fusion",
-              "decoder", "matching_head", "answer_head", "masked_text_head", "image_reconstruction",
-              "audio_reconstruction"]
+COMPONENTS = [
+    "encoders.text",
+    "encoders.image",
+    "encoders.audio",
+    "align",
+    "logit_scale",
+    "to_fusion",
+    "fusion",
+    "decoder",
+    "matching_head",
+    "answer_head",
+    "masked_text_head",
+    "image_reconstruction",
+    "audio_reconstruction",
+]
 
 EXPECTED = {  # objective -> components that must receive gradient; every other component must not
     "contrastive": {"encoders.text", "encoders.image", "encoders.audio", "align", "logit_scale"},

@@ -10,15 +10,15 @@ import torch
 from model.config import ModelConfig, model_config
 from model.io import SavedModel, load, save
 from model.multimodal import CrossModalModel
-from model.objectives import MultiTaskObjective
 
 
 def outputs(model, batch):
     with torch.no_grad():
         out = model(batch)
         context = {m: e for m, e in model.encode(batch).items() if m != "text"}
-        out["caption"] = torch.tensor(sum(model.generate(model.fuse(context, {m: batch[f"has_{m}"] for m in context}),
-                                                         max_len=6), []) or [0])
+        out["caption"] = torch.tensor(
+            sum(model.generate(model.fuse(context, {m: batch[f"has_{m}"] for m in context}), max_len=6), []) or [0]
+        )
     return out
 
 

@@ -12,8 +12,11 @@ from model.multimodal import CrossModalModel, parameter_counts
 from model.objectives import LossWeights, MultiTaskObjective
 
 SUBSETS = [s for n in range(1, 4) for s in itertools.combinations(MODALITIES, n)]
-FIELDS = {"text": ("text_ids", "text_mask", "has_text"), "image": ("image", "has_image"),
-          "audio": ("audio", "audio_mask", "has_audio")}
+FIELDS = {
+    "text": ("text_ids", "text_mask", "has_text"),
+    "image": ("image", "has_image"),
+    "audio": ("audio", "audio_mask", "has_audio"),
+}
 
 
 def subset(batch, modalities):
@@ -57,8 +60,13 @@ def test_fused_tokens_and_generation_shapes(tiny_cfg, demo_batch, fusion):
 
 
 def test_convolutional_student_encoder(tiny_cfg, demo_batch):
-    cfg = model_config("tiny", vocab_size=tiny_cfg.vocab_size, image_encoder="conv", image={"width": 64, "depth": 4, "heads": 2},
-                       conv_attention_layers=0)
+    cfg = model_config(
+        "tiny",
+        vocab_size=tiny_cfg.vocab_size,
+        image_encoder="conv",
+        image={"width": 64, "depth": 4, "heads": 2},
+        conv_attention_layers=0,
+    )
     model = CrossModalModel(cfg)
     assert model.image_reconstruction is None  # MAE needs patches: not for the CNN
     assert parameter_counts(model)["encoders"] < parameter_counts(CrossModalModel(tiny_cfg))["encoders"]
@@ -115,10 +123,13 @@ def test_absent_for_a_sample_equals_absent_from_the_batch(tiny_cfg, demo_batch, 
     """A sample flagged has_audio=False fuses exactly as if the batch carried no audio at all."""
     model = CrossModalModel(model_config("tiny", vocab_size=tiny_cfg.vocab_size, fusion=fusion)).eval()
     encoded = model.encode(demo_batch)
-    with_flag = model.fuse(encoded, {"text": demo_batch["has_text"], "image": demo_batch["has_image"],
-                                     "audio": torch.zeros(8, dtype=torch.bool)})
-    without = model.fuse({m: encoded[m] for m in ("text", "image")},
-                         {"text": demo_batch["has_text"], "image": demo_batch["has_image"]})
+    with_flag = model.fuse(
+        encoded,
+        {"text": demo_batch["has_text"], "image": demo_batch["has_image"], "audio": torch.zeros(8, dtype=torch.bool)},
+    )
+    without = model.fuse(
+        {m: encoded[m] for m in ("text", "image")}, {"text": demo_batch["has_text"], "image": demo_batch["has_image"]}
+    )
     assert torch.allclose(with_flag.pooled, without.pooled, atol=1e-5)
 
 

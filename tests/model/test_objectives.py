@@ -14,7 +14,9 @@ from model.tokenizer import BOS, EOS, MASK, PAD
 
 def test_mask_tokens_never_touches_specials_and_masks_at_least_one():
     g = torch.Generator().manual_seed(0)
-    ids = torch.tensor([[BOS, 10, 11, 12, EOS, PAD, PAD], [BOS, 20, EOS, PAD, PAD, PAD, PAD], [BOS, EOS, PAD, PAD, PAD, PAD, PAD]])
+    ids = torch.tensor(
+        [[BOS, 10, 11, 12, EOS, PAD, PAD], [BOS, 20, EOS, PAD, PAD, PAD, PAD], [BOS, EOS, PAD, PAD, PAD, PAD, PAD]]
+    )
     mask = ids != PAD
     for _ in range(50):
         masked, chosen = mask_tokens(ids, mask, 0.15, g)
@@ -44,8 +46,10 @@ def test_objective_survives_a_batch_with_one_caption(tiny_cfg, demo_batch):
 
 
 def test_combine_weights_tasks_and_samples():
-    tasks = {"a": (torch.tensor([1.0, 3.0, 100.0]), torch.tensor([True, True, False])),
-             "b": (torch.tensor([2.0, 2.0, 2.0]), torch.tensor([True, True, True]))}
+    tasks = {
+        "a": (torch.tensor([1.0, 3.0, 100.0]), torch.tensor([True, True, False])),
+        "b": (torch.tensor([2.0, 2.0, 2.0]), torch.tensor([True, True, True])),
+    }
     total, parts = combine(tasks, {"a": 1.0, "b": 0.5}, torch.tensor([1.0, 3.0, 1.0]))
     assert float(parts["a"]) == pytest.approx((1 * 1 + 3 * 3) / 4)  # sample weights, excluded rows ignored
     assert float(parts["b"]) == pytest.approx(2.0)
@@ -53,7 +57,10 @@ def test_combine_weights_tasks_and_samples():
 
 
 def test_combine_reports_a_task_no_sample_applies_to_as_nan_and_adds_nothing():
-    tasks = {"a": (torch.tensor([1.0, 3.0]), torch.tensor([False, False])), "b": (torch.tensor([2.0, 4.0]), torch.tensor([True, True]))}
+    tasks = {
+        "a": (torch.tensor([1.0, 3.0]), torch.tensor([False, False])),
+        "b": (torch.tensor([2.0, 4.0]), torch.tensor([True, True])),
+    }
     total, parts = combine(tasks, {"a": 1.0, "b": 1.0}, None)
     assert torch.isnan(parts["a"]) and float(total) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="no objective applies"):
@@ -78,7 +85,13 @@ def test_hard_negative_texts_are_extra_candidates_for_the_other_modality_only():
 
 def test_objective_scores_images_against_the_negative_captions(tiny_cfg, demo_batch):
     model = CrossModalModel(tiny_cfg).eval()
-    weights = LossWeights(**{name: float(name == "contrastive") for name in LossWeights().to_dict() if not name.endswith(("ratio", "weight"))})
+    weights = LossWeights(
+        **{
+            name: float(name == "contrastive")
+            for name in LossWeights().to_dict()
+            if not name.endswith(("ratio", "weight"))
+        }
+    )
     _, plain = MultiTaskObjective(weights)(model, demo_batch)
     # Each sample's own caption as its "negative": the hardest negative there is.
     with_negatives = dict(demo_batch, negative_ids=demo_batch["text_ids"], negative_mask=demo_batch["text_mask"])

@@ -19,8 +19,9 @@ def test_tiny_model_memorises_32_samples(tokenizer):
     captions = [world.sample(i)["text"].decode() for i in range(32)]
     model = CrossModalModel(cfg)
     # The two objectives the assertions measure; every objective is exercised in test_gradients.
-    objective = MultiTaskObjective(LossWeights(matching=0, masked_text=0, masked_image=0, masked_audio=0,
-                                               answer=0, vqa=0))
+    objective = MultiTaskObjective(
+        LossWeights(matching=0, masked_text=0, masked_image=0, masked_audio=0, answer=0, vqa=0)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))
     first = None

@@ -7,12 +7,15 @@ import pytest
 from model.tokenizer import BOS, EOS, MASK, PAD, Tokenizer
 
 
-@pytest.mark.parametrize("text", [
-    "a red circle in the top left corner.",
-    "广州市房地产中介协会分析",
-    "Ünïcödé, emoji 🎵 and  double  spaces\ttabs",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle in the top left corner.",
+        "广州市房地产中介协会分析",
+        "Ünïcödé, emoji 🎵 and  double  spaces\ttabs",
+        "",
+    ],
+)
 def test_round_trip(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text, max_len=200)) == text
 

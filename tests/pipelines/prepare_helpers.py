@@ -50,8 +50,14 @@ BAD_SAMPLES = {
     "truncated_image": lambda a: (add(a, "trunc.jpg", jpeg()[:200]), add(a, "trunc.txt", b"x")),
     "empty_member": lambda a: (add(a, "hollow.jpg", b""), add(a, "hollow.txt", b"x")),
     "undecodable_text": lambda a: add(a, "latin.txt", "caf\xe9 au lait".encode("latin-1")),
-    "bad_audio_header": lambda a: (add(a, "noheader.wav", b"RIFF\x10\x00\x00\x00WAVEfmt garbage"), add(a, "noheader.txt", b"x")),
-    "nonfinite_audio": lambda a: (add(a, "nan.wav", wav(np.full(800, math.nan), subtype="FLOAT")), add(a, "nan.txt", b"x")),
+    "bad_audio_header": lambda a: (
+        add(a, "noheader.wav", b"RIFF\x10\x00\x00\x00WAVEfmt garbage"),
+        add(a, "noheader.txt", b"x"),
+    ),
+    "nonfinite_audio": lambda a: (
+        add(a, "nan.wav", wav(np.full(800, math.nan), subtype="FLOAT")),
+        add(a, "nan.txt", b"x"),
+    ),
     "oversized_member": lambda a: (add(a, "huge.jpg", b"\xff" * 300_000), add(a, "huge.txt", b"x")),
     "unknown_extension": lambda a: add(a, "odd.xyz", b"payload"),
     "pickle_member": lambda a: add(a, "weights.pth", b"\x80\x04\x95anything"),
@@ -72,10 +78,24 @@ def crafted_shard(path, reasons=tuple(BAD_SAMPLES)) -> list[str]:
     return keys
 
 
-def spec_for(shards: dict[str, list[str]], texts=("a red square", "what colour is the square?", "red"),
-             member_limit=200_000, **overrides) -> DatasetSpec:
+def spec_for(
+    shards: dict[str, list[str]],
+    texts=("a red square", "what colour is the square?", "red"),
+    member_limit=200_000,
+    **overrides,
+) -> DatasetSpec:
     tokenizer = Tokenizer.train(list(texts) * 10, vocab_size=300)
-    fields = dict(shards=shards, decode=DecodeSettings(image_size=32, max_audio_seconds=1.0).__dict__,
-                  tokenizer_json=tokenizer.to_json(), answers=["red"], max_text_len=16, augment=AugmentConfig(),
-                  multiplicity={}, weights={}, seed=0, member_limit=member_limit, batch_size=8)
+    fields = dict(
+        shards=shards,
+        decode=DecodeSettings(image_size=32, max_audio_seconds=1.0).__dict__,
+        tokenizer_json=tokenizer.to_json(),
+        answers=["red"],
+        max_text_len=16,
+        augment=AugmentConfig(),
+        multiplicity={},
+        weights={},
+        seed=0,
+        member_limit=member_limit,
+        batch_size=8,
+    )
     return DatasetSpec(**(fields | overrides))

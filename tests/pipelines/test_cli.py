@@ -32,13 +32,16 @@ def test_run_ingest_shard_then_rerun_reuses_both(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("crossmodal-demo")
     assert experiment.artifact_location == (tmp_path / "runs" / "mlartifacts").as_uri()
-    parents = client.search_runs([experiment.experiment_id], "tags.`crossmodal.kind` = 'pipeline'",
-                                 order_by=["attributes.start_time ASC"])
+    parents = client.search_runs(
+        [experiment.experiment_id], "tags.`crossmodal.kind` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
     assert [p.info.status for p in parents] == ["FINISHED", "FINISHED"]
     for parent, state in zip(parents, ("ran", "reused")):
         children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert sorted((c.data.tags["crossmodal.stage"], c.data.tags["crossmodal.state"]) for c in children) == [
-            ("ingest", state), ("shard", state)]
+            ("ingest", state),
+            ("shard", state),
+        ]
 
     status = crossmodal("status", "--tracking-uri", f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", tmp_path=tmp_path)
     assert status.returncode == 0
@@ -46,24 +49,36 @@ def test_run_ingest_shard_then_rerun_reuses_both(tmp_path):
     stages = crossmodal("stages", str(DEMO_CONFIG), *with_overrides(tmp_path), tmp_path=tmp_path)
     lines = stages.stdout.splitlines()[1:]
     assert [line.split()[0] for line in lines] == ["ingest", "shard", "prepare", "train", "evaluate"]
-    assert ["finished (run" in line for line in lines] == [True, True, False, False, False] and lines[2].endswith("to run")
+    assert ["finished (run" in line for line in lines] == [True, True, False, False, False] and lines[2].endswith(
+        "to run"
+    )
 
 
 def test_failing_stage_exits_nonzero_with_one_line(tmp_path):
-    result = crossmodal("run", str(DEMO_CONFIG), *with_overrides(tmp_path, "ingest.source=folder",
-                                                                 f"ingest.path={tmp_path / 'nowhere'}"), tmp_path=tmp_path)
+    result = crossmodal(
+        "run",
+        str(DEMO_CONFIG),
+        *with_overrides(tmp_path, "ingest.source=folder", f"ingest.path={tmp_path / 'nowhere'}"),
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"crossmodal: stage 'ingest' failed: ingest.path {tmp_path / 'nowhere'}: no such file or folder")
+        f"crossmodal: stage 'ingest' failed: ingest.path {tmp_path / 'nowhere'}: no such file or folder"
+    )
     assert "FAILED: ingest failed, shard skipped" in result.stdout
 
 
 def test_config_mistake_exits_2_before_anything_runs(tmp_path):
     result = crossmodal("run", str(DEMO_CONFIG), "--set", "shard.samples_per_shard=zero", tmp_path=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("crossmodal: error: --set shard.samples_per_shard=zero: shard.samples_per_shard: "
-                                     "input should be a valid integer, unable to parse string as an integer (got 'zero')")
+    assert result.stderr.strip() == (
+        "crossmodal: error: --set shard.samples_per_shard=zero: shard.samples_per_shard: "
+        "input should be a valid integer, unable to parse string as an integer (got 'zero')"
+    )
     assert not (tmp_path / "runs").exists()
     unknown = crossmodal("run", str(DEMO_CONFIG), "--only", "ingest,trian", tmp_path=tmp_path)
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train, evaluate)"
+    assert (
+        unknown.stderr.strip()
+        == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train, evaluate)"
+    )

@@ -33,14 +33,18 @@ def test_demo_values_and_defaults():
     assert cfg.ingest.source == "demo"
     assert cfg.ingest.demo.num_samples == 16000
     assert cfg.shard.splits == {"train": 0.92, "val": 0.03, "test": 0.05}
-    assert (cfg.train.workers, cfg.train.zero_stage, cfg.train.precision, cfg.train.model.size) == (2, 2, "bf16", "small")
+    assert (cfg.train.workers, cfg.train.zero_stage, cfg.train.precision, cfg.train.model.size) == (
+        2,
+        2,
+        "bf16",
+        "small",
+    )
     assert cfg.ray.local_num_cpus == 4
 
 
 def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
     path = write(tmp_path, "name: x\nshard:\n  samples_per_shrd: 3\n")
-    assert error_of(path) == (f"{path}: shard.samples_per_shrd: unknown key "
-                              "(allowed here: samples_per_shard, splits)")
+    assert error_of(path) == (f"{path}: shard.samples_per_shrd: unknown key (allowed here: samples_per_shard, splits)")
 
 
 def test_unknown_section(tmp_path):
@@ -50,8 +54,10 @@ def test_unknown_section(tmp_path):
 
 def test_wrong_type(tmp_path):
     path = write(tmp_path, "name: x\ningest:\n  demo:\n    num_samples: many\n")
-    assert error_of(path) == (f"{path}: ingest.demo.num_samples: input should be a valid integer, "
-                              "unable to parse string as an integer (got 'many')")
+    assert error_of(path) == (
+        f"{path}: ingest.demo.num_samples: input should be a valid integer, "
+        "unable to parse string as an integer (got 'many')"
+    )
 
 
 def test_out_of_range(tmp_path):
@@ -66,9 +72,11 @@ def test_literal_choice(tmp_path):
 
 def test_cross_field_rules(tmp_path):
     assert "ingest: path is required when source is 'folder'" in error_of(
-        write(tmp_path, "name: x\ningest:\n  source: folder\n"))
+        write(tmp_path, "name: x\ningest:\n  source: folder\n")
+    )
     assert "shard.splits: split fractions must sum to 1, got 0.9" in error_of(
-        write(tmp_path, "name: x\nshard:\n  splits: {train: 0.8, test: 0.1}\n"))
+        write(tmp_path, "name: x\nshard:\n  splits: {train: 0.8, test: 0.1}\n")
+    )
 
 
 def test_missing_required_name(tmp_path):
@@ -89,8 +97,10 @@ def test_top_level_must_be_mapping(tmp_path):
 
 
 def test_override_sets_typed_values():
-    cfg = load_config(DEMO_CONFIG, ["shard.samples_per_shard=64", "ingest.demo.audio_format=wav",
-                                    "shard.splits={train: 0.5, test: 0.5}"])
+    cfg = load_config(
+        DEMO_CONFIG,
+        ["shard.samples_per_shard=64", "ingest.demo.audio_format=wav", "shard.splits={train: 0.5, test: 0.5}"],
+    )
     assert cfg.shard.samples_per_shard == 64
     assert cfg.ingest.demo.audio_format == "wav"
     assert cfg.shard.splits == {"train": 0.5, "test": 0.5}
@@ -98,7 +108,8 @@ def test_override_sets_typed_values():
 
 def test_override_errors_name_the_override():
     assert error_of(DEMO_CONFIG, ["shard.samples_per_shard=-1"]) == (
-        "--set shard.samples_per_shard=-1: shard.samples_per_shard: input should be greater than or equal to 1 (got -1)")
+        "--set shard.samples_per_shard=-1: shard.samples_per_shard: input should be greater than or equal to 1 (got -1)"
+    )
     assert error_of(DEMO_CONFIG, ["shard.nope=1"]).startswith("--set shard.nope=1: shard.nope: unknown key")
     assert error_of(DEMO_CONFIG, ["samples_per_shard"]) == "--set samples_per_shard: expected section.key=value"
     assert error_of(DEMO_CONFIG, ["name.first=a"]) == "--set name.first=a: name is a value, not a section"

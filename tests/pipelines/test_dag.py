@@ -18,7 +18,12 @@ def stage(name, *needs):
     return Stage(name, noop, section="shard", needs=needs)
 
 
-DIAMOND = [stage("report", "train", "evaluate"), stage("evaluate", "train"), stage("train", "prepare"), stage("prepare")]
+DIAMOND = [
+    stage("report", "train", "evaluate"),
+    stage("evaluate", "train"),
+    stage("train", "prepare"),
+    stage("prepare"),
+]
 
 
 def names(stages):
@@ -74,28 +79,47 @@ def test_identity_follows_config_inputs_code_and_storage():
     assert identity(shard, cfg.shard, {"ingest": "i2"}, "file:///r") != base
     assert identity(shard, cfg.shard, {"ingest": "i1"}, "file:///elsewhere") != base
     # Same config section, other code (another stage function): another identity.
-    assert identity(Stage("shard", noop, section="shard", needs=("ingest",)), cfg.shard, {"ingest": "i1"}, "file:///r") != base
+    assert (
+        identity(Stage("shard", noop, section="shard", needs=("ingest",)), cfg.shard, {"ingest": "i1"}, "file:///r")
+        != base
+    )
     # A stage's identity does not move when an unrelated section changes.
     other = load_config(DEMO_CONFIG, ["ingest.demo.seed=5"])
     assert identity(shard, other.shard, {"ingest": "i1"}, "file:///r") == base
     assert identity(ingest, other.ingest, {}, "file:///r") != identity(ingest, cfg.ingest, {}, "file:///r")
 
 
-@pytest.mark.parametrize("tags, params, reason", [
-    ({"crossmodal.code_version": "b"}, {"shard.x": "1"}, "its code changed since run abcdef12"),
-    ({"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u2"}, {"shard.x": "1"},
-     "its input from ingest changed since run abcdef12"),
-    ({"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u1"}, {"shard.x": "1"},
-     "its external data or storage root changed since run abcdef12"),
-    ({"crossmodal.code_version": "b"}, {"shard.x": "2", "shard.y": "3"},
-     "its config changed since run abcdef12: shard.x 1 -> 2, shard.y (unset) -> 3"),
-])
+@pytest.mark.parametrize(
+    "tags, params, reason",
+    [
+        ({"crossmodal.code_version": "b"}, {"shard.x": "1"}, "its code changed since run abcdef12"),
+        (
+            {"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u2"},
+            {"shard.x": "1"},
+            "its input from ingest changed since run abcdef12",
+        ),
+        (
+            {"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u1"},
+            {"shard.x": "1"},
+            "its external data or storage root changed since run abcdef12",
+        ),
+        (
+            {"crossmodal.code_version": "b"},
+            {"shard.x": "2", "shard.y": "3"},
+            "its config changed since run abcdef12: shard.x 1 -> 2, shard.y (unset) -> 3",
+        ),
+    ],
+)
 def test_why_a_stage_needs_a_new_run(tags, params, reason):
     from types import SimpleNamespace
 
     from pipelines.runner import why_new
 
-    previous = SimpleNamespace(info=SimpleNamespace(run_id="abcdef1234"), data=SimpleNamespace(
-        params={"shard.x": "1"}, tags={"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u1"}))
+    previous = SimpleNamespace(
+        info=SimpleNamespace(run_id="abcdef1234"),
+        data=SimpleNamespace(
+            params={"shard.x": "1"}, tags={"crossmodal.code_version": "a", "crossmodal.input.ingest.data": "u1"}
+        ),
+    )
     assert why_new(previous, tags, params) == reason
     assert why_new(None, tags, params) == "it never finished in this experiment"

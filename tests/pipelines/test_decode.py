@@ -66,7 +66,7 @@ def test_broken_images_are_unusable(fixtures_dir):
 
 
 def test_text_is_utf8_nfc_and_capped():
-    assert decode_text("  a   red\ncircle ".encode(), SETTINGS) == "a red circle"
+    assert decode_text(b"  a   red\ncircle ", SETTINGS) == "a red circle"
     assert decode_text("Cafe\u0301".encode(), SETTINGS) == "Café"  # NFC
     assert decode_text(("x" * 900).encode(), SETTINGS) == "x" * 512
     assert reason_of(decode_text, b"\xff\xfe bad") == "undecodable_text"
@@ -92,7 +92,7 @@ def test_22khz_speech_is_resampled_to_the_model_rate(fixtures_dir, name):
     assert not wave[valid:].any()
     # The energy survives resampling (a real resampler, not a crude decimation).
     original, _ = sf.read(io.BytesIO(data), dtype="float32")
-    assert np.sqrt(np.mean(wave[:valid] ** 2)) == pytest.approx(np.sqrt(np.mean(original ** 2)), rel=0.05)
+    assert np.sqrt(np.mean(wave[:valid] ** 2)) == pytest.approx(np.sqrt(np.mean(original**2)), rel=0.05)
 
 
 def wav(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
@@ -118,7 +118,10 @@ def test_broken_audio_is_unusable():
 
 def test_metadata_and_class_labels():
     assert decode_meta(b'{"question": "what colour?", "answer": "red"}', None) == {
-        "question": "what colour?", "answer": "red", "label": ""}
+        "question": "what colour?",
+        "answer": "red",
+        "label": "",
+    }
     assert decode_meta(None, b"7\n")["label"] == "7"
     with pytest.raises(Unusable, match="Expecting"):
         decode_meta(b"{broken", None)

@@ -11,8 +11,16 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipelines.data.demo_world import (ANSWERS, COLOUR_TONE_HZ, COLOURS, POSITION_DRONE_HZ, SHAPE_CHIME_HZ, SHAPE_PULSES,
-                                                                              DemoWorld, Shape)
+from pipelines.data.demo_world import (
+    ANSWERS,
+    COLOUR_TONE_HZ,
+    COLOURS,
+    POSITION_DRONE_HZ,
+    SHAPE_CHIME_HZ,
+    SHAPE_PULSES,
+    DemoWorld,
+    Shape,
+)
 
 WORLD = DemoWorld(seed=3)
 
@@ -45,7 +53,7 @@ def test_image_shows_each_object_in_its_cell_in_its_colour():
         cell = pixels.shape[0] // 3
         for shape in objects(record):
             row, col = divmod(shape.cell, 3)
-            area = pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell].reshape(-1, 3)
+            area = pixels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell].reshape(-1, 3)
             # The shape's pixels: saturated, unlike the grey background (a triangle's centre may miss it).
             shape_pixels = area[area.max(axis=1) - area.min(axis=1) > 80]
             assert len(shape_pixels) > 10
@@ -79,7 +87,7 @@ def test_audio_encodes_colour_kind_rhythm_and_position_per_slot():
         assert rate == 16000 and len(wave) == 16000
         slot = len(wave) // len(WORLD.shape_counts)  # one slot per possible shape
         for k, shape in enumerate(objects(record)):
-            segment = wave[k * slot:(k + 1) * slot]
+            segment = wave[k * slot : (k + 1) * slot]
             tone = dominant(segment, rate, 480, 1500)
             assert min(COLOUR_TONE_HZ, key=lambda c: abs(COLOUR_TONE_HZ[c] - tone)) == shape.colour
             drone = dominant(segment, rate, 120, 480)
@@ -88,8 +96,8 @@ def test_audio_encodes_colour_kind_rhythm_and_position_per_slot():
             checked += 1
             chime = dominant(segment, rate, 2000, 6000)
             assert min(SHAPE_CHIME_HZ, key=lambda k: abs(SHAPE_CHIME_HZ[k] - chime)) == shape.kind
-        silent = wave[len(objects(record)) * slot:]
-        assert len(silent) == 0 or np.sqrt(np.mean(silent ** 2)) < 0.05  # only the noise floor
+        silent = wave[len(objects(record)) * slot :]
+        assert len(silent) == 0 or np.sqrt(np.mean(silent**2)) < 0.05  # only the noise floor
     assert checked > 40
 
 

@@ -12,8 +12,9 @@ from pipelines.data.executor import IdleBackoff, install
 
 class Op:
     def __init__(self, submitted, finished, taken):
-        self.metrics = SimpleNamespace(num_tasks_submitted=submitted, num_tasks_finished=finished,
-                                       num_outputs_taken=taken)
+        self.metrics = SimpleNamespace(
+            num_tasks_submitted=submitted, num_tasks_finished=finished, num_outputs_taken=taken
+        )
 
 
 def fake_executor(*counts):
@@ -25,12 +26,14 @@ def test_sleeps_only_when_no_task_or_output_moved(monkeypatch):
     naps = []
     monkeypatch.setattr(executor.time, "sleep", naps.append)
     callback = IdleBackoff()
-    steps = [((1, 0, 0), (0, 0, 0)),  # first step: nothing to compare with
-             ((1, 0, 0), (0, 0, 0)),  # nothing moved -> sleep
-             ((1, 1, 0), (0, 0, 0)),  # a task finished
-             ((1, 1, 1), (0, 0, 0)),  # its output was taken downstream
-             ((1, 1, 1), (1, 0, 0)),  # the next operator submitted a task
-             ((1, 1, 1), (1, 0, 0))]  # back-pressured: nothing moved -> sleep
+    steps = [
+        ((1, 0, 0), (0, 0, 0)),  # first step: nothing to compare with
+        ((1, 0, 0), (0, 0, 0)),  # nothing moved -> sleep
+        ((1, 1, 0), (0, 0, 0)),  # a task finished
+        ((1, 1, 1), (0, 0, 0)),  # its output was taken downstream
+        ((1, 1, 1), (1, 0, 0)),  # the next operator submitted a task
+        ((1, 1, 1), (1, 0, 0)),
+    ]  # back-pressured: nothing moved -> sleep
     for counts in steps:
         callback.on_execution_step(fake_executor(*counts))
     assert naps == [executor.IDLE_SLEEP_S, executor.IDLE_SLEEP_S]

@@ -34,8 +34,13 @@ def records_and_quarantine(outcome):
 def samples_in(tar_path) -> int:
     """Distinct sample keys in a tar (WebDataset rule), counted independently of our reader."""
     with tarfile.open(tar_path) as archive:
-        return len({posixpath.join(posixpath.dirname(m.name), posixpath.basename(m.name).split(".")[0])
-                    for m in archive if m.isfile()})
+        return len(
+            {
+                posixpath.join(posixpath.dirname(m.name), posixpath.basename(m.name).split(".")[0])
+                for m in archive
+                if m.isfile()
+            }
+        )
 
 
 def test_shards_of_other_tools_are_ingested_and_counted(tmp_path, fixtures_dir, ray_cluster):
@@ -76,7 +81,10 @@ def test_folder_of_files_grouped_by_key(tmp_path, fixtures_dir, ray_cluster):
     assert records["cats"]["image"] == (fixtures_dir / "images" / "coco-000000039769.jpg").read_bytes()
     assert records["sub/pug"]["audio_ext"] == "wav" and records["sub/pug"]["image_ext"] == "png"
     assert json.loads(records["sub/pug"]["json"])["answer"] == "dog"
-    assert sorted((q["key"], q["reason"]) for q in quarantine) == [("empty", "empty_member"), ("model", "pickle_member")]
+    assert sorted((q["key"], q["reason"]) for q in quarantine) == [
+        ("empty", "empty_member"),
+        ("model", "pickle_member"),
+    ]
     # Unchanged data is reused; a new file in the folder means the stage runs again.
     assert ingest(tmp_path, "ingest.source=folder", f"ingest.path={folder}").by_name()["ingest"].state == "reused"
     (folder / "late.txt").write_text("a file added after the first run")
@@ -92,19 +100,33 @@ def test_jsonl_manifest_with_bad_lines(tmp_path, fixtures_dir, ray_cluster):
     shutil.copy(fixtures_dir / "audio" / "spk1_snt1.wav", media / "child.wav")
     (media / "weights.pt").write_bytes(b"PK\x03\x04....archive/data.pkl....")
     lines = [
-        {"key": "ironing", "image": "media/ironing.jpg", "text": "a man ironing on the back of a yellow SUV",
-         "question": "what colour is the car?", "answer": "yellow"},
+        {
+            "key": "ironing",
+            "image": "media/ironing.jpg",
+            "text": "a man ironing on the back of a yellow SUV",
+            "question": "what colour is the car?",
+            "answer": "yellow",
+        },
         {"audio": "media/child.wav", "text": "THE CHILD ALMOST HURT THE SMALL DOG"},
         {"key": "gone", "image": "media/missing.jpg", "text": "nothing here"},
         {"key": "a.b", "text": "dotted key"},
         {"key": "weights", "audio": "media/weights.pt"},
     ]
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n{not json\n"
-                        + "\n".join(json.dumps(line) for line in lines[2:]) + "\n")
+    manifest.write_text(
+        "\n".join(json.dumps(line) for line in lines[:2])
+        + "\n{not json\n"
+        + "\n".join(json.dumps(line) for line in lines[2:])
+        + "\n"
+    )
     records, quarantine = records_and_quarantine(ingest(tmp_path, "ingest.source=jsonl", f"ingest.path={manifest}"))
     assert set(records) == {"ironing", "manifest-00000002"}
     assert json.loads(records["ironing"]["json"]) == {"question": "what colour is the car?", "answer": "yellow"}
     assert records["manifest-00000002"]["audio"] == (fixtures_dir / "audio" / "spk1_snt1.wav").read_bytes()
-    assert sorted(q["reason"] for q in quarantine) == ["invalid_key", "invalid_manifest_line", "missing_file", "pickle_member"]
+    assert sorted(q["reason"] for q in quarantine) == [
+        "invalid_key",
+        "invalid_manifest_line",
+        "missing_file",
+        "pickle_member",
+    ]
     assert len(records) + len(quarantine) == 6

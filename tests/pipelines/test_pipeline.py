@@ -83,7 +83,11 @@ def test_rerun_reuses_and_only_from_force_select(demo_config, ray_cluster):
     redo = run(demo_config, from_stage="second")
     assert states(redo) == {"first": "reused", "second": "ran", "third": "ran"}
     # A stage told to redo its work must not resume state an earlier run left (train: checkpoints).
-    assert {name: r.data.metrics.get("forced") for name, r in stage_runs(redo).items()} == {"first": 0.0, "second": 1.0, "third": 1.0}
+    assert {name: r.data.metrics.get("forced") for name, r in stage_runs(redo).items()} == {
+        "first": 0.0,
+        "second": 1.0,
+        "third": 1.0,
+    }
     assert states(run(demo_config, only=["third"])) == {"first": "reused", "second": "reused", "third": "reused"}
     forced = run(demo_config, only=["third"], force=True)
     assert states(forced) == {"first": "reused", "second": "reused", "third": "ran"}
@@ -110,10 +114,14 @@ def test_driver_killed_mid_stage_then_rerun_keeps_finished_stages(demo_config, r
     storage = Storage(demo_config.storage.root)
     storage.write_bytes(b"", "block-second")
     overrides = sum((["--set", o] for o in small_overrides(tmp_path)), [])
-    driver = subprocess.Popen([sys.executable, "-m", "tests.pipelines.toy_stages", str(DEMO_CONFIG),
-                               *[o for o in overrides if o != "--set"]],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tests.pipelines.toy_stages", str(DEMO_CONFIG), *[o for o in overrides if o != "--set"]],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     for line in driver.stdout:  # returns when the stage says it is inside `second`
         seen.append(line)
@@ -129,18 +137,26 @@ def test_driver_killed_mid_stage_then_rerun_keeps_finished_stages(demo_config, r
     assert states(resumed) == {"first": "reused", "second": "ran", "third": "ran"}
     client = MlflowClient(resumed.tracking_uri)
     experiment = client.get_run(resumed.run_id).info.experiment_id
-    killed = [r for r in client.search_runs([experiment], "tags.`crossmodal.kind` = 'pipeline'")
-              if r.info.run_id != resumed.run_id]
+    killed = [
+        r
+        for r in client.search_runs([experiment], "tags.`crossmodal.kind` = 'pipeline'")
+        if r.info.run_id != resumed.run_id
+    ]
     assert [r.info.status for r in killed] == ["KILLED"]
     killed_stages = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{killed[0].info.run_id}'")
     assert {r.data.tags["crossmodal.stage"]: r.info.status for r in killed_stages} == {
-        "first": "FINISHED", "second": "KILLED"}
+        "first": "FINISHED",
+        "second": "KILLED",
+    }
 
 
 def test_from_and_only_together_redo_only_the_selection(demo_config, ray_cluster):
     run(demo_config)
     assert states(run(demo_config, from_stage="first", only=["third"])) == {
-        "first": "reused", "second": "reused", "third": "ran"}
+        "first": "reused",
+        "second": "reused",
+        "third": "ran",
+    }
 
 
 def test_a_driver_error_between_stages_fails_the_pipeline_and_closes_its_runs(demo_config, ray_cluster, monkeypatch):
@@ -165,8 +181,10 @@ def test_a_driver_error_between_stages_fails_the_pipeline_and_closes_its_runs(de
     experiment = client.get_experiment_by_name(demo_config.mlflow.experiment).experiment_id
     [parent] = client.search_runs([experiment], "tags.`crossmodal.kind` = 'pipeline'")
     assert parent.info.status == "FAILED"
-    children = {r.data.tags["crossmodal.stage"]: r for r in
-                client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    children = {
+        r.data.tags["crossmodal.stage"]: r
+        for r in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
     assert children["first"].info.status == "FINISHED"
     assert children["second"].info.status == "FAILED"
     assert children["second"].data.tags["crossmodal.error"] == "OSError: tracking store went away"
@@ -180,4 +198,7 @@ def test_a_stage_that_must_rerun_but_is_not_selected_says_what_changed(demo_conf
     changed = load_config(DEMO_CONFIG, small_overrides(tmp_path) + ["ingest.demo.seed=5"])
     outcome = run(changed, only=["second"])
     assert outcome.status == "FAILED" and states(outcome) == {"first": "failed", "second": "skipped"}
-    assert f"(its config changed since run {previous}: ingest.demo.seed 0 -> 5) and is not selected" in outcome.failure.error
+    assert (
+        f"(its config changed since run {previous}: ingest.demo.seed 0 -> 5) and is not selected"
+        in outcome.failure.error
+    )

@@ -16,9 +16,11 @@ from tests.pipelines.prepare_helpers import BAD_SAMPLES, crafted_shard, spec_for
 
 def decoded_rows(spec, split="train") -> list[dict]:
     rows = []
-    for batch in read_decoded(spec, split, None).select_columns(["key", "reason", "member", "combo", "text", "label",
-                                                                 "has_image", "has_text", "has_audio"]).iter_batches(
-            batch_format="numpy"):
+    for batch in (
+        read_decoded(spec, split, None)
+        .select_columns(["key", "reason", "member", "combo", "text", "label", "has_image", "has_text", "has_audio"])
+        .iter_batches(batch_format="numpy")
+    ):
         rows += [dict(zip(batch, values)) for values in zip(*batch.values())]
     return rows
 
@@ -63,8 +65,14 @@ def test_augmentation_is_reproducible_and_fresh_each_epoch(tmp_path, ray_cluster
 
     def epoch_images(epoch):
         ds = build_dataset(spec, "train", epoch=epoch, balance=False)
-        rows = sorted(((int(b), img) for batch in ds.iter_batches(batch_format="numpy")
-                       for b, img in zip(batch["sample_id"], batch["image"])), key=lambda t: t[0])
+        rows = sorted(
+            (
+                (int(b), img)
+                for batch in ds.iter_batches(batch_format="numpy")
+                for b, img in zip(batch["sample_id"], batch["image"])
+            ),
+            key=lambda t: t[0],
+        )
         return np.stack([img for _, img in rows])
 
     first, again, second = epoch_images(0), epoch_images(0), epoch_images(1)

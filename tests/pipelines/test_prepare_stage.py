@@ -29,9 +29,17 @@ def prepared(tmp_path, ray_cluster):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     crafted_shard(theirs / "crafted.tar", reasons=DECODE_REASONS)
-    cfg = load_config(DEMO_CONFIG, small_overrides(tmp_path) + [
-        "ingest.source=shards", f"ingest.path={theirs}", "shard.splits={train: 1.0}",
-        "prepare.image_size=32", "prepare.preview_samples=4"])
+    cfg = load_config(
+        DEMO_CONFIG,
+        small_overrides(tmp_path)
+        + [
+            "ingest.source=shards",
+            f"ingest.path={theirs}",
+            "shard.splits={train: 1.0}",
+            "prepare.image_size=32",
+            "prepare.preview_samples=4",
+        ],
+    )
     outcome = run_pipeline(cfg, only=["ingest", "shard", "prepare"], echo=lambda line: None)
     assert outcome.status == "FINISHED", outcome.failure
     return outcome
@@ -94,7 +102,8 @@ def test_a_ray_train_job_consumes_the_stream(prepared_demo, tmp_path):
             json.dump({"seen": seen, "finite": finite, "combos": sorted(combos)}, f)
 
     result = TorchTrainer(
-        loop, train_loop_config={"cfg": cfg, "out": str(tmp_path)},
+        loop,
+        train_loop_config={"cfg": cfg, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         datasets={"train": build_dataset(spec, "train")},
         run_config=RunConfig(name="consumer", storage_path=str(tmp_path / "ray_results")),

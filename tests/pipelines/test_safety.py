@@ -14,26 +14,29 @@ def safety() -> SafetyFilter:
     return SafetyFilter(CFG)
 
 
-@pytest.mark.parametrize("text, term", [
-    ("that is shit", "shit"),
-    ("SHIT", "shit"),                       # case
-    ("ShIt happens", "shit"),
-    ("s h i t", "shit"),                    # spacing
-    ("sh it", "shit"),
-    ("s.h.i.t", "shit"),                    # punctuation
-    ("s-h-i-t!", "shit"),
-    ("sh*t", None),                         # a masked letter is not the word: left to rules/classifier
-    ("sh1t", "shit"),                       # character substitutions
-    ("$hit", "shit"),
-    ("5h!t", "shit"),
-    ("shiiiiit", "shit"),                   # stretching
-    ("ｓｈｉｔ", "shit"),                     # full-width
-    ("shіt", "shit"),                       # Cyrillic i
-    ("ŝhít", "shit"),                       # accents
-    ("sh\u200bit", "shit"),                 # zero-width space
-    ("a d1rty   w0rd", "dirty word"),       # configured phrase, spaced and substituted
-    ("k i l l  your-self", "kill yourself"),
-])
+@pytest.mark.parametrize(
+    "text, term",
+    [
+        ("that is shit", "shit"),
+        ("SHIT", "shit"),  # case
+        ("ShIt happens", "shit"),
+        ("s h i t", "shit"),  # spacing
+        ("sh it", "shit"),
+        ("s.h.i.t", "shit"),  # punctuation
+        ("s-h-i-t!", "shit"),
+        ("sh*t", None),  # a masked letter is not the word: left to rules/classifier
+        ("sh1t", "shit"),  # character substitutions
+        ("$hit", "shit"),
+        ("5h!t", "shit"),
+        ("shiiiiit", "shit"),  # stretching
+        ("ｓｈｉｔ", "shit"),  # full-width
+        ("shіt", "shit"),  # Cyrillic i
+        ("ŝhít", "shit"),  # accents
+        ("sh\u200bit", "shit"),  # zero-width space
+        ("a d1rty   w0rd", "dirty word"),  # configured phrase, spaced and substituted
+        ("k i l l  your-self", "kill yourself"),
+    ],
+)
 def test_evasions_are_blocked(safety, text, term):
     verdict = safety.check(text)
     assert verdict.blocked is (term is not None)
@@ -42,14 +45,17 @@ def test_evasions_are_blocked(safety, text, term):
         assert verdict.text == CFG.replacement and verdict.original == text
 
 
-@pytest.mark.parametrize("text", [
-    "a red circle on the left and a blue diamond in the bottom right corner.",
-    "the class is assessing a classic bass",   # blocked words inside innocent ones
-    "as good as it gets",                      # 'as' is not 'ass', 'good' is not 'god'
-    "a cocktail at the scunthorpe shitake stand",
-    "3 shapes: 1 red, 2 blue",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle on the left and a blue diamond in the bottom right corner.",
+        "the class is assessing a classic bass",  # blocked words inside innocent ones
+        "as good as it gets",  # 'as' is not 'ass', 'good' is not 'god'
+        "a cocktail at the scunthorpe shitake stand",
+        "3 shapes: 1 red, 2 blue",
+        "",
+    ],
+)
 def test_benign_text_passes_unchanged(safety, text):
     verdict = safety.check(text)
     assert not verdict.blocked and verdict.text == text and verdict.reason == ""

@@ -24,7 +24,8 @@ PINNED = "rrrarrrrrrrrrrerrererrrrrerarrerrrrrrrarrrrrrrrerrrrarrrrrrr"
 
 def test_split_rule_is_pinned():
     assert key_position("demo-s0-00000000") == pytest.approx(
-        int(hashlib.sha1(b"demo-s0-00000000").hexdigest()[:16], 16) / 2**64)
+        int(hashlib.sha1(b"demo-s0-00000000").hexdigest()[:16], 16) / 2**64
+    )
     assert "".join(split_of(f"demo-s0-{i:08d}", SPLITS)[1] for i in range(60)) == PINNED
     # The order the splits are listed in does not matter (the stage identity ignores it too).
     reordered = {"test": 0.1, "val": 0.1, "train": 0.8}
@@ -79,7 +80,8 @@ def test_shards_read_back_identical_with_webdataset(sharded, demo_config):
         if record["audio"] is not None:
             assert sample[record["audio_ext"]] == record["audio"]
         assert set(sample) - {"__key__", "__url__", "__local_path__"} == {
-            ext for ext in ("txt", "json", record["image_ext"], record["audio_ext"]) if ext}
+            ext for ext in ("txt", "json", record["image_ext"], record["audio_ext"]) if ext
+        }
 
 
 def test_index_counts_modality_combinations(sharded):
@@ -111,7 +113,10 @@ def test_stage_runs_carry_metrics_and_tables(sharded):
     shard_run = client.get_run(sharded.by_name()["shard"].run_id)
     index = Storage(sharded.by_name()["shard"].output_uri).read_json("index.json")
     assert shard_run.data.metrics["samples.train"] == index["splits"]["train"]["samples"]
-    assert shard_run.data.metrics["samples.train.image_text_audio"] == index["splits"]["train"]["combinations"]["image+text+audio"]
+    assert (
+        shard_run.data.metrics["samples.train.image_text_audio"]
+        == index["splits"]["train"]["combinations"]["image+text+audio"]
+    )
     table = json.load(open(client.download_artifacts(shard_run.info.run_id, "tables/shards.json")))
     assert len(table["data"]) == shard_run.data.metrics["shards"]
     ingest_run = client.get_run(sharded.by_name()["ingest"].run_id)

@@ -25,12 +25,19 @@ def members_of(path) -> dict[str, bytes]:
         return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
 
 
-@pytest.mark.parametrize("name, key, field", [
-    ("clip1.xyzdata.abc1.flac", "clip1", "xyzdata.abc1.flac"),
-    ("test/resources/dataset/librispeech-1995-1837-0001.wav", "test/resources/dataset/librispeech-1995-1837-0001", "wav"),
-    ("a/b.c/d.e.f", "a/b.c/d", "e.f"),
-    ("noext", "noext", ""),
-])
+@pytest.mark.parametrize(
+    "name, key, field",
+    [
+        ("clip1.xyzdata.abc1.flac", "clip1", "xyzdata.abc1.flac"),
+        (
+            "test/resources/dataset/librispeech-1995-1837-0001.wav",
+            "test/resources/dataset/librispeech-1995-1837-0001",
+            "wav",
+        ),
+        ("a/b.c/d.e.f", "a/b.c/d", "e.f"),
+        ("noext", "noext", ""),
+    ],
+)
 def test_key_rule(name, key, field):
     assert split_name(name) == (key, field)
 
@@ -40,8 +47,10 @@ def test_wenet_audio_text_keys_with_slashes_and_chinese(fixtures_dir):
     samples, rejected = read(path)
     raw = members_of(path)
     assert rejected == []
-    assert [s["key"] for s in samples] == ["test/resources/dataset/aishell-BAC009S0724W0121",
-                                          "test/resources/dataset/librispeech-1995-1837-0001"]
+    assert [s["key"] for s in samples] == [
+        "test/resources/dataset/aishell-BAC009S0724W0121",
+        "test/resources/dataset/librispeech-1995-1837-0001",
+    ]
     chinese = samples[0]
     assert "广州市房地产中介协会分析" in chinese["text"].decode("utf-8")
     assert chinese["audio"] == raw["test/resources/dataset/aishell-BAC009S0724W0121.wav"]
@@ -111,20 +120,23 @@ def crafted(tmp_path, build) -> tuple[list[dict], list[Rejected]]:
     return read(path, limit=1000)
 
 
-@pytest.mark.parametrize("build, reason", [
-    (lambda a: add(a, "../escape.txt", b"x"), "unsafe_name"),
-    (lambda a: add(a, "/etc/absolute.txt", b"x"), "unsafe_name"),
-    (lambda a: add(a, "linked.txt", kind=tarfile.SYMTYPE, link="/etc/passwd"), "not_regular_file"),
-    (lambda a: add(a, "huge.txt", b"x" * 1001), "oversized_member"),
-    (lambda a: add(a, "empty.txt", b""), "empty_member"),
-    (lambda a: add(a, "broken.txt.gz", b"\x1f\x8b\x08\x00garbage"), "corrupt_gzip"),
-    (lambda a: add(a, "bomb.txt.gz", gzip.compress(b"0" * 5000)), "oversized_member"),
-    (lambda a: add(a, "model.pth", b"anything"), "pickle_member"),
-    (lambda a: add(a, "sneaky.txt", pickle.dumps({"a": 1})), "pickle_member"),
-    (lambda a: add(a, "weird.xyz", b"x"), "unknown_extension"),
-    (lambda a: (add(a, "two.jpg", b"a"), add(a, "two.png", b"b")), "duplicate_member"),
-    (lambda a: add(a, "meta.json", b"{}"), "no_modality"),
-])
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (lambda a: add(a, "../escape.txt", b"x"), "unsafe_name"),
+        (lambda a: add(a, "/etc/absolute.txt", b"x"), "unsafe_name"),
+        (lambda a: add(a, "linked.txt", kind=tarfile.SYMTYPE, link="/etc/passwd"), "not_regular_file"),
+        (lambda a: add(a, "huge.txt", b"x" * 1001), "oversized_member"),
+        (lambda a: add(a, "empty.txt", b""), "empty_member"),
+        (lambda a: add(a, "broken.txt.gz", b"\x1f\x8b\x08\x00garbage"), "corrupt_gzip"),
+        (lambda a: add(a, "bomb.txt.gz", gzip.compress(b"0" * 5000)), "oversized_member"),
+        (lambda a: add(a, "model.pth", b"anything"), "pickle_member"),
+        (lambda a: add(a, "sneaky.txt", pickle.dumps({"a": 1})), "pickle_member"),
+        (lambda a: add(a, "weird.xyz", b"x"), "unknown_extension"),
+        (lambda a: (add(a, "two.jpg", b"a"), add(a, "two.png", b"b")), "duplicate_member"),
+        (lambda a: add(a, "meta.json", b"{}"), "no_modality"),
+    ],
+)
 def test_bad_member_rejects_its_sample_only(tmp_path, build, reason):
     samples, rejected = crafted(tmp_path, build)
     assert [s["key"] for s in samples] == ["good1", "good2"]
@@ -155,7 +167,9 @@ def tar_of(count: int) -> bytes:
 
 def items_of(data: bytes):
     items = list(read_tar(io.BytesIO(data), "mem", LIMIT))
-    return [i["key"] for i in items if isinstance(i, dict)], [(r.key, r.reason) for r in items if isinstance(r, Rejected)]
+    return [i["key"] for i in items if isinstance(i, dict)], [
+        (r.key, r.reason) for r in items if isinstance(r, Rejected)
+    ]
 
 
 def test_a_corrupt_header_in_the_middle_is_counted_not_swallowed():

@@ -22,7 +22,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def chain(ctx, name: str, upstream: str | None) -> StageResult:
     before = Storage(ctx.inputs[upstream].outputs["data"]).read_bytes("data.txt") + b"+" if upstream else b""
     ctx.output.write_bytes(before + name.encode(), "data.txt")
-    return StageResult(outputs={"data": ctx.output.uri}, metrics={"length": len(before) + len(name), "forced": float(ctx.forced)})
+    return StageResult(
+        outputs={"data": ctx.output.uri}, metrics={"length": len(before) + len(name), "forced": float(ctx.forced)}
+    )
 
 
 def first(section, ctx):

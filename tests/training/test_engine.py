@@ -32,14 +32,18 @@ def test_bf16_mixed_keeps_fp32_weights_under_deepspeeds_autocast():
 
 
 def test_deepspeed_overrides_merge_key_by_key():
-    cfg = TrainConfig(deepspeed={"zero_optimization": {"reduce_bucket_size": 5e8}, "timers": {"throughput": {"enabled": True}}})
+    cfg = TrainConfig(
+        deepspeed={"zero_optimization": {"reduce_bucket_size": 5e8}, "timers": {"throughput": {"enabled": True}}}
+    )
     ds = deepspeed_config(cfg, world_size=1)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 5e8
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["contiguous_gradients"] is True
     assert ds["timers"]["throughput"]["enabled"] is True
 
 
-@pytest.mark.parametrize("norm, scale", [(10.0, 0.1), (0.5, 1.0), (float("inf"), 0.0), (float("nan"), 0.0), (-1.0, 0.0)])
+@pytest.mark.parametrize(
+    "norm, scale", [(10.0, 0.1), (0.5, 1.0), (float("inf"), 0.0), (float("nan"), 0.0), (-1.0, 0.0)]
+)
 def test_sync_free_clip_follows_deepspeeds_rule(norm, scale):
     # DeepSpeed's rule: clip to clip_grad when the norm is over it; an invalid norm (non-finite,
     # or its -1 sentinel) scales the gradients to zero.

@@ -44,8 +44,16 @@ def run_loop(max_steps: int, checkpoints: Path, resume_from: Path | None) -> dic
             if key in metrics:
                 record["logged"].setdefault(key, []).append([step, metrics[key]])
 
-    cfg = TrainConfig(zero_stage=2, precision="bf16", micro_batch=4, max_steps=max_steps, checkpoint_every=6,
-                      log_every=1, val_every=1000, warmup_steps=0)
+    cfg = TrainConfig(
+        zero_stage=2,
+        precision="bf16",
+        micro_batch=4,
+        max_steps=max_steps,
+        checkpoint_every=6,
+        log_every=1,
+        val_every=1000,
+        warmup_steps=0,
+    )
     torch.manual_seed(0)
     progress = train(CrossModalModel(model_cfg), cfg, Data(train_epoch), Sink(log, save, lambda: resume_from), 0, 1)
     record["step"] = progress.step

@@ -20,11 +20,22 @@ from pipelines.storage import Storage
 from tests.conftest import DEMO_CONFIG
 
 TINY = [
-    "train.model.size=tiny", "train.model.image_encoder=vit", "train.model.overrides={}", "train.workers=2",
+    "train.model.size=tiny",
+    "train.model.image_encoder=vit",
+    "train.model.overrides={}",
+    "train.workers=2",
     "train.zero_stage=2",
-    "train.precision=bf16", "train.micro_batch=16", "train.lr=3e-3", "train.warmup_steps=5",
-    "train.max_minutes=null", "train.log_every=1", "train.val_every=10", "train.shuffle_buffer=64",
-    "train.losses.matching=0.5", "train.losses.masked_text=0.5", "train.losses.caption=0.5",
+    "train.precision=bf16",
+    "train.micro_batch=16",
+    "train.lr=3e-3",
+    "train.warmup_steps=5",
+    "train.max_minutes=null",
+    "train.log_every=1",
+    "train.val_every=10",
+    "train.shuffle_buffer=64",
+    "train.losses.matching=0.5",
+    "train.losses.masked_text=0.5",
+    "train.losses.caption=0.5",
 ]
 
 
@@ -32,17 +43,27 @@ TINY = [
 def demo_root(tmp_path_factory, ray_cluster):
     """A folder whose store already holds the ingested, sharded and prepared demo world."""
     root = tmp_path_factory.mktemp("train")
-    outcome = run_pipeline(load_config(DEMO_CONFIG, overrides(root)), only=["ingest", "shard", "prepare"], echo=lambda line: None)
+    outcome = run_pipeline(
+        load_config(DEMO_CONFIG, overrides(root)), only=["ingest", "shard", "prepare"], echo=lambda line: None
+    )
     assert outcome.status == "FINISHED", outcome.failure
     root.joinpath("spec").write_text(outcome.by_name()["prepare"].output_uri)
     return root
 
 
 def overrides(root, *extra: str) -> list[str]:
-    return [f"storage.root={root / 'storage'}", f"mlflow.local_store={root / 'runs'}",
-            "ingest.demo.num_samples=700", "ingest.samples_per_part=350", "shard.samples_per_shard=64",
-            "shard.splits={train: 0.8, val: 0.1, test: 0.1}", "prepare.image_size=32", "prepare.preview_samples=2",
-            *TINY, *extra]
+    return [
+        f"storage.root={root / 'storage'}",
+        f"mlflow.local_store={root / 'runs'}",
+        "ingest.demo.num_samples=700",
+        "ingest.samples_per_part=350",
+        "shard.samples_per_shard=64",
+        "shard.splits={train: 0.8, val: 0.1, test: 0.1}",
+        "prepare.image_size=32",
+        "prepare.preview_samples=2",
+        *TINY,
+        *extra,
+    ]
 
 
 def run(root, *extra: str, **options):
@@ -57,8 +78,9 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def stage_runs(client, outcome, name: str):
     parent = outcome.run_id
-    runs = client.search_runs([client.get_run(parent).info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
     return [r for r in runs if r.info.run_name == name]
 
 
@@ -106,7 +128,10 @@ def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_roo
         assert 0 <= metrics[f"caption.{context}.bleu4"] <= 1 and metrics[f"caption.{context}.cider"] >= 0
         assert 0 <= metrics[f"vqa.{context}.exact"] <= 1 and metrics[f"vqa.{context}.questions"] > 0
     for removed in ("image", "audio"):
-        assert f"robustness.caption.without_{removed}.cider" in metrics and f"robustness.vqa.without_{removed}.exact" in metrics
+        assert (
+            f"robustness.caption.without_{removed}.cider" in metrics
+            and f"robustness.vqa.without_{removed}.exact" in metrics
+        )
     assert metrics["safety.captions.checked"] >= samples and metrics["safety.captions.blocked"] == 0
     # The first test's pipeline already ran this stage: this run reuses it, the plots live there.
     producer = evaluate_run.data.tags.get("crossmodal.reused_from", evaluate_run.info.run_id)
@@ -115,13 +140,24 @@ def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_roo
     for path in artifacts:
         assert open(client.download_artifacts(producer, path), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     table = json.load(open(client.download_artifacts(producer, "tables/examples.json")))
-    assert {"reference_caption", "caption_from_image", "question", "reference_answer", "answer_from_image_audio"} <= set(table["columns"])
+    assert {
+        "reference_caption",
+        "caption_from_image",
+        "question",
+        "reference_answer",
+        "answer_from_image_audio",
+    } <= set(table["columns"])
 
     # Any saved model folder, here the train stage's, gives the same scores; a filter rule that
     # hits every caption is counted and shows in the table.
     model = outcome.by_name()["train"].output_uri + "/model"
-    again, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20", f"evaluate.model={model}",
-                        "evaluate.safety.rules=['[a-z]']")
+    again, client = run(
+        demo_root,
+        "train.max_steps=40",
+        "train.checkpoint_every=20",
+        f"evaluate.model={model}",
+        "evaluate.safety.rules=['[a-z]']",
+    )
     [rerun] = stage_runs(client, again, "evaluate")
     for direction in directions:
         assert rerun.data.metrics[f"retrieval.{direction}.r1"] == metrics[f"retrieval.{direction}.r1"]
@@ -156,8 +192,16 @@ def test_a_rerun_of_the_pipeline_continues_from_the_latest_checkpoint(demo_root)
 def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
     """Rank 1 is SIGKILLed at step 13; Ray Train replaces the group and training continues from
     the latest checkpoint (step 10 or 5), not from zero; the stage finishes with loadable weights."""
-    outcome, client = run(demo_root, "train.max_steps=20", "train.checkpoint_every=5", "train.max_failures=1",
-                          "train.fault.rank=1", "train.fault.step=13", "train.val_every=100", only=["train"])
+    outcome, client = run(
+        demo_root,
+        "train.max_steps=20",
+        "train.checkpoint_every=5",
+        "train.max_failures=1",
+        "train.fault.rank=1",
+        "train.fault.step=13",
+        "train.val_every=100",
+        only=["train"],
+    )
     [train_run] = stage_runs(client, outcome, "train")
     run_id = train_run.info.run_id
     starts = [int(value) for _, value in history(client, run_id, "resumed_from_step")]
@@ -188,10 +232,26 @@ def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
         (absent / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(absent), str(REPO)])}
     spec = Storage(demo_root.joinpath("spec").read_text()).child("dataset_spec.json").path()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "-m", "pipelines.training.standalone", "--spec", spec, "--config", str(DEMO_CONFIG),
-               "--out", str(tmp_path / "out"), "--workers", "0",
-               *[f"--set={o}" for o in TINY + ["train.max_steps=6", "train.checkpoint_every=3", "train.val_every=3"]]]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pipelines.training.standalone",
+        "--spec",
+        spec,
+        "--config",
+        str(DEMO_CONFIG),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "0",
+        *[f"--set={o}" for o in TINY + ["train.max_steps=6", "train.checkpoint_every=3", "train.val_every=3"]],
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logged = [line for line in done.stdout.splitlines() if line.startswith("step ")]
@@ -210,8 +270,11 @@ def test_a_standalone_pass_of_two_epochs_reads_each_as_a_pass_of_one_would(demo_
 
     def rows(epoch: int, epochs: int) -> list[tuple[int, int, float]]:
         stream = ShardStream(spec, "train", rank=0, world=1, epoch=epoch, batch_size=64, train=True, epochs=epochs)
-        return [(int(e), int(i), round(float(x), 4)) for b in stream
-                for e, i, x in zip(b["epoch"], b["sample_id"], b["image"].reshape(len(b["epoch"]), -1).sum(1))]
+        return [
+            (int(e), int(i), round(float(x), 4))
+            for b in stream
+            for e, i, x in zip(b["epoch"], b["sample_id"], b["image"].reshape(len(b["epoch"]), -1).sum(1))
+        ]
 
     both = rows(3, 2)
     assert both == rows(3, 1) + rows(4, 1)

@@ -12,12 +12,14 @@ from model.config import model_config
 
 
 def worker(rank: int, folder: str, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from model.multimodal import CrossModalModel
+    from model.synthetic import synthetic_batch
     from pipelines.training.config import TrainConfig
     from pipelines.training.engine import import_deepspeed, initialize
-    from model.synthetic import synthetic_batch
 
     import_deepspeed().init_distributed(dist_backend="gloo")
     cfg = TrainConfig(zero_stage=3, precision="fp32", micro_batch=4, lr=1e-3, warmup_steps=0)
@@ -40,9 +42,9 @@ def worker(rank: int, folder: str, port: int) -> None:
 
 def test_zero3_checkpoint_consolidates_to_the_live_model(tmp_path):
     from model.multimodal import CrossModalModel
+    from model.synthetic import synthetic_batch
     from pipelines.training.engine import consolidate
     from tests.conftest import free_port
-    from model.synthetic import synthetic_batch
 
     mp.spawn(worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     state = consolidate(tmp_path, zero_stage=3)
