@@ -1,5 +1,5 @@
 # crossmodal: `make demo`, `make test`, `make ui`. Each sets up .venv first (once; again only
-# when pyproject.toml changes).
+# when pyproject.toml changes). `make lint` checks style (ruff); CI runs it before the tests.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ UI_PORT ?= 5000
 TORCH := torch==2.13.0
 PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install --progress-bar off
 
-.PHONY: setup demo test ui clean
+.PHONY: setup demo test test-fast lint ui clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Unit tests only: no Ray cluster, no spawned processes, no multi-minute runs.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not spawn and not ray"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \

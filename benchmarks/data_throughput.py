@@ -99,8 +99,9 @@ def make_shards(root: Path, samples: int):
             "shard.splits={train: 1.0}",
         ],
     )
-    outcome = run_pipeline(cfg, echo=lambda line: None)
-    assert outcome.status == "FINISHED", outcome.failure
+    outcome = run_pipeline(cfg, only=["ingest", "shard", "prepare"], echo=lambda line: None)
+    if outcome.status != "FINISHED":
+        raise SystemExit(f"data_throughput: making the shards failed: {outcome.failure}")
     return outcome.by_name()["prepare"].output_uri
 
 

@@ -6,8 +6,6 @@ A step is the full multi-task objective (every loss of LossWeights), backward an
 synthetic data. FLOPs per sample are counted by torch.utils.flop_counter on one step. The
 ratio printed is achieved FLOP/s over a baseline measured in the same process: a plain
 square matmul in the same dtype on the same device (the ceiling dense work reaches here).
-On a GPU it also prints the ratio to open_clip ViT-B/16's 214 TFLOP/s on an H100 (the anchor
-in the issue: batch 256, bf16 autocast, fused AdamW).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from model.multimodal import CrossModalModel, parameter_counts
 from model.objectives import MultiTaskObjective
 from model.synthetic import synthetic_batch as model_synthetic_batch
 
-OPEN_CLIP_B16_H100_TFLOPS = 214.0
 DEFAULT_BATCH = {"cpu": {"tiny": 32, "small": 16, "base": 2}, "cuda": {"tiny": 256, "small": 256, "base": 128}}
 
 
@@ -93,6 +90,10 @@ def bench_size(size: str, batch: int, steps: int, device, dtype) -> dict:
     }
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,small,base")
@@ -105,8 +106,7 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     baseline = matmul_flops_per_s(device, dtype, 8192 if device.type == "cuda" else 1024) / 1e12
     print(
-        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
-        f" dtype {dtype}, baseline: plain {dtype} matmul {baseline:.3f} TFLOP/s"
+        f"device {device} ({device_name(device)}), dtype {dtype}, baseline: plain {dtype} matmul {baseline:.3f} TFLOP/s"
     )
     print(
         f"{'size':6} {'params':>12} {'batch':>5} {'step s':>8} {'samples/s':>10} {'GFLOP/sample':>13} "
@@ -119,8 +119,6 @@ def main() -> None:
             f"{r['size']:6} {r['params']:>12,} {r['batch']:>5} {r['step_s']:>8.3f} {r['samples_s']:>10.1f} "
             f"{r['gflop_sample']:>13.2f} {r['tflops']:>9.4f} {r['tflops'] / baseline:>9.3f} {r['memory_gib']:>8.2f}"
         )
-        if device.type == "cuda":
-            line += f"  vs open_clip B/16 on H100: {r['tflops'] / OPEN_CLIP_B16_H100_TFLOPS:.3f}"
         print(line, flush=True)
 
 

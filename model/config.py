@@ -1,7 +1,8 @@
-"""Model configuration and the size registry (tiny / small / base).
+"""Model configuration, the size registry (tiny / small / base) and the loss weights.
 
-Plain dataclasses, JSON round-trippable, so a saved model folder rebuilds the exact model.
-The pipeline validates these values at load (pydantic); the model library trusts them.
+Plain dataclasses of the standard library, JSON round-trippable, so a saved model folder
+rebuilds the exact model. The pipeline's config sections are built from them (no field is
+written twice) and validated at load with pydantic; the model library trusts the values.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 MODALITIES = ("text", "image", "audio")
 FUSIONS = ("early", "late", "hierarchical")
+IMAGE_ENCODERS = ("vit", "conv")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class ModelConfig:
     vocab_size: int = 512
     max_text_len: int = 48
     text: TowerConfig = field(default_factory=lambda: TowerConfig(64, 2, 2))
-    # image: "vit" (patch Transformer) or "conv" (MobileNet-style depthwise-separable, for students)
+    # image: "vit" (patch Transformer) or "conv" (a light CNN with attention over its map; see ConvEncoder)
     image_encoder: str = "vit"
     image_size: int = 64
     patch_size: int = 8  # ViT: the patch side; conv: the pixels each cell of its output map covers
@@ -64,8 +66,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.image_encoder not in ("vit", "conv"):
-            raise ValueError(f"image_encoder must be 'vit' or 'conv', got {self.image_encoder!r}")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(f"image_encoder must be one of {IMAGE_ENCODERS}, got {self.image_encoder!r}")
         if self.conv_pool not in ("mean", "flatten"):
             raise ValueError(f"conv_pool must be 'mean' or 'flatten', got {self.conv_pool!r}")
         if self.image_size % self.patch_size:
@@ -109,6 +111,34 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
         return cls(**{k: TowerConfig(**v) if k in towers else v for k, v in data.items()})
+
+
+def weight(default: float, doc: str, **bounds) -> float:
+    """A loss weight's default, with its bounds and meaning for the pipeline's config (metadata)."""
+    return field(default=default, metadata={"ge": 0.0, "doc": doc} | bounds)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Task weights of the multi-task objective (model.objectives); the pipeline's
+    `train.losses` section is built from these fields, bounds included."""
+
+    contrastive: float = weight(1.0, "InfoNCE over every pair of present modalities")
+    matching: float = weight(0.5, "text<->image/audio matching with in-batch hard negatives")
+    masked_text: float = weight(0.5, "masked tokens predicted from fused text + image/audio")
+    masked_image: float = weight(0.25, "MAE on image patches")
+    masked_audio: float = weight(0.25, "MAE on log-mel patches")
+    caption: float = weight(1.0, "caption from image and/or audio")
+    answer: float = weight(0.5, "free-form answer from question + image/audio")
+    vqa: float = weight(1.0, "answer class from question + image/audio")
+    text_mask_ratio: float = weight(0.15, "share of text tokens masked", gt=0.0, lt=1.0)
+    patch_mask_ratio: float = weight(0.6, "share of image/log-mel patches masked", gt=0.0, lt=1.0)
+    # HN-NCE (Radenovic et al. 2023): once the easy in-batch negatives are solved, the hard ones
+    # still carry weight.
+    hard_negative_weight: float = weight(1.0, "each hard negative caption counts as this many negatives", ge=1.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 SIZES: dict[str, ModelConfig] = {

@@ -1,8 +1,9 @@
 """One encoder per modality (F1). Each returns tokens, their padding mask and a pooled vector.
 
 - text: token + position embeddings, Transformer; pooled at <bos>.
-- image: ViT (patch embedding, [cls], Transformer) or a MobileNet-style CNN of
-  depthwise-separable blocks (light, for students); ViT pooled at [cls], CNN by average.
+- image: ViT (patch embedding, [cls], Transformer; pooled at [cls]) or a light CNN (full 3x3
+  convs while it down-samples, depthwise-separable blocks after, then attention blocks over
+  its feature map; pooled by the mean of its cells or a linear map of the whole map).
 - audio: log-mel spectrogram computed in torch, patches of a few frames, Transformer;
   pooled at [cls]. Frames that overlap padding are masked, so padding never changes outputs.
 

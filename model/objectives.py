@@ -9,37 +9,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from model.config import LossWeights
 from model.encoders import Encoded
 from model.heads import random_keep
 from model.tokenizer import MASK, PAD
 
 TaskLoss = tuple[torch.Tensor, torch.Tensor]  # (per-sample loss (B,), applies (B,) bool)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    contrastive: float = 1.0  # InfoNCE over every pair of present modalities
-    matching: float = 0.5  # text<->image/audio matching with in-batch hard negatives
-    masked_text: float = 0.5  # masked tokens predicted from fused text + image/audio
-    masked_image: float = 0.25  # MAE on image patches
-    masked_audio: float = 0.25  # MAE on log-mel patches
-    caption: float = 1.0  # caption from image and/or audio
-    answer: float = 0.5  # free-form answer from question + image/audio
-    vqa: float = 1.0  # answer class from question + image/audio
-    text_mask_ratio: float = 0.15
-    patch_mask_ratio: float = 0.6
-    # Each hard negative caption counts as this many negatives in the softmax (HN-NCE,
-    # Radenovic et al. 2023): once the easy in-batch negatives are solved, the hard ones still
-    # carry weight.
-    hard_negative_weight: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # -- contrastive -----------------------------------------------------------------------------
@@ -292,7 +271,7 @@ class MultiTaskObjective:
             tasks["caption"] = caption(model, batch, encoded, present, context_present)
         if (w.vqa or w.answer) and "question_ids" in batch:
             tasks["vqa"], tasks["answer"] = question_answering(model, batch, encoded, context_present)
-        return combine(tasks, asdict(w), batch.get("weight"))
+        return combine(tasks, w.to_dict(), batch.get("weight"))
 
 
 def combine(

@@ -11,6 +11,7 @@ import sys
 
 from pipelines import env
 from pipelines.apps import cli as apps_cli
+from pipelines.errors import UserError
 
 USAGE_ERROR, STAGE_FAILED = 2, 1
 
@@ -42,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("config")
     stages.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    init = sub.add_parser("init", help="write a config that fits your data (a folder, a JSONL manifest or shards)")
+    init.add_argument("data", help="a folder of files grouped by key, a JSONL manifest, or WebDataset shards")
+    init.add_argument("-o", "--output", help="the config file to write (default: <name>.yaml)")
+    init.add_argument("--name", help="the pipeline's name (default: the data folder's name)")
+    init.add_argument("--samples", type=int, default=2000, help="samples to read for the survey (default: 2000)")
+    init.add_argument("--force", action="store_true", help="overwrite the output file")
+
     status = sub.add_parser("status", help="recent pipeline runs and their stages, from MLflow")
     status.add_argument("--config", help="read the MLflow location from this config")
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./runs)")
@@ -53,26 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     env.configure()
     args = build_parser().parse_args(argv)
-    # Imported here so `crossmodal --help` answers without importing Ray and MLflow.
-    from pipelines.apps.api import InputError
-    from pipelines.apps.resolve import ModelNotFound
-    from pipelines.config import ConfigError
-    from pipelines.dag import PlanError
-
     try:
         if args.command in apps_cli.COMMANDS:
             return apps_cli.run(args)
-        return {"run": command_run, "stages": command_stages, "status": command_status}[args.command](args)
-    except (ConfigError, PlanError, InputError, ModelNotFound) as err:
+        commands = {"run": command_run, "stages": command_stages, "status": command_status, "init": command_init}
+        return commands[args.command](args)
+    except UserError as err:  # config, plan, input, model reference, survey: one line, exit 2
         print(f"crossmodal: error: {err}", file=sys.stderr)
         return USAGE_ERROR
 
 
 def command_run(args) -> int:
     from pipelines.config import load_config
-    from pipelines.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides + (["prepare.materialize=true"] if args.materialize else []))
+    from pipelines.runner import run_pipeline  # Ray, MLflow, every stage: only once the config is valid
+
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     outcome = run_pipeline(cfg, only=only, from_stage=args.from_stage, force=args.force)
     summary = ", ".join(
@@ -106,6 +110,32 @@ def command_stages(args) -> int:
         prior = finished_result(lineage, ident)
         state = f"finished (run {prior[0]}) -> {prior[1]}" if prior else "to run"
         print(f"{stage.name:10}  {','.join(stage.needs) or '-':16}  {ident[:12]:12}  {state}")
+    return 0
+
+
+def command_init(args) -> int:
+    from pathlib import Path
+
+    from pipelines.config import ConfigError, load_config
+    from pipelines.scaffold import config_name, render
+    from pipelines.survey import survey
+
+    found = survey(args.data, args.samples)
+    name = args.name or config_name(args.data)
+    output = Path(args.output or f"{name}.yaml")
+    if output.exists() and not args.force:
+        raise ConfigError(f"{output}: exists (pass --force to overwrite it, or -o another file)")
+    output.write_text(render(found, name), encoding="utf-8")
+    cfg = load_config(output)  # what was written must load: a mistake here is ours, said as the user's would be
+    shown = ", ".join(f"{c} {n}" for c, n in found.combinations.most_common())
+    print(f"read {found.samples} of {found.total} samples in {args.data} ({shown})")
+    if found.rejected:
+        print(f"rejected while reading: {dict(found.rejected)} (the ingest stage quarantines them with their reason)")
+    print(
+        f"wrote {output}: images {cfg.prepare.image_size} px, audio {cfg.prepare.sample_rate} Hz cropped at "
+        f"{cfg.prepare.max_audio_seconds:g} s, splits {cfg.shard.splits}"
+    )
+    print(f"next: crossmodal run {output}")
     return 0
 
 

@@ -7,21 +7,24 @@ work; this module holds the pure parts so they are easy to test and to reason ab
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib
 import inspect
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from pipelines.errors import UserError
 from pipelines.storage import Storage
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A stage selection or registry mistake; the message is a single line."""
 
 
@@ -69,8 +72,6 @@ class Stage:
     run: Callable[[BaseModel, StageContext], StageResult]
     section: str  # the config section this stage reads
     needs: tuple[str, ...] = ()
-    # Modules besides the stage function's own whose source is part of the stage's identity.
-    code: tuple[str, ...] = ()
     # CPUs the stage's own Ray task holds. Stages that fan work out to Ray tasks, Ray Data or
     # Ray Train hold none themselves, so their children can use every CPU.
     num_cpus: float = 0.0
@@ -145,15 +146,82 @@ def select(ordered: list[Stage], only: list[str] | None = None, from_stage: str 
     return chosen
 
 
+# Top-level packages of this project: the code a stage's identity follows.
+PROJECT_PACKAGES = ("model", "pipelines", "jobs")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
+    """The source file of a project module (a package's __init__.py), or None if it is not one."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_imports(name: str, root: Path = PROJECT_ROOT) -> set[str]:
+    """The project modules `name` imports (see `imports_in`)."""
+    path = module_file(name, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return imports_in(path, package, root)
+
+
+def imports_in(path: Path, package: str, root: Path = PROJECT_ROOT) -> set[str]:
+    """The project modules a source file imports anywhere (inside functions too): `from a.b
+    import c` names the module a.b.c when it is one, else a.b; `package` resolves relative
+    imports. A package's __init__ counts only when something is imported from it by name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level - 1 parents
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            targets = [
+                f"{base}.{alias.name}" if module_file(f"{base}.{alias.name}", root) else base for alias in node.names
+            ]
+        else:
+            continue
+        found |= {t for t in targets if t.split(".")[0] in PROJECT_PACKAGES and module_file(t, root)}
+    return found
+
+
+def import_closure(name: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """`name` and every project module it imports, directly or through others."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(project_imports(current, root) - seen)
+    return sorted(seen)
+
+
+def code_digest(modules: list[str], root: Path = PROJECT_ROOT) -> str:
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(name.encode() + b"\0" + module_file(name, root).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 @cache
-def source_digest(module_name: str) -> str:
-    return hashlib.sha256(inspect.getsource(importlib.import_module(module_name)).encode()).hexdigest()
-
-
 def code_version(stage: Stage) -> str:
-    """Hash of the stage function's module and the modules it declares: its code version."""
-    modules = sorted({stage.run.__module__, *stage.code})
-    return hashlib.sha256("".join(source_digest(m) for m in modules).encode()).hexdigest()[:16]
+    """Hash of the source of every project module the stage's function imports, followed
+    transitively: a change anywhere in the code the stage runs makes a new identity. A stage
+    defined outside the project (a script, a notebook's module) adds its own file."""
+    name = stage.run.__module__
+    spec = getattr(sys.modules.get(name), "__spec__", None)
+    if name == "__main__" and spec is not None:
+        name = spec.name  # `python -m package.module`: the module it is, as when imported
+    if module_file(name) is not None:
+        return code_digest(import_closure(name))
+    path = Path(inspect.getsourcefile(stage.run))
+    package = spec.parent if spec is not None else ""
+    modules = sorted({m for imported in imports_in(path, package) for m in import_closure(imported)})
+    return hashlib.sha256(path.read_bytes() + code_digest(modules).encode()).hexdigest()[:16]
 
 
 def identity(stage: Stage, section: BaseModel, input_identities: dict[str, str], storage_uri: str) -> str:

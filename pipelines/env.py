@@ -31,6 +31,9 @@ def project_env() -> dict[str, str]:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         # A local Ray cluster is private to this process tree; token auth only adds noise.
         "RAY_AUTH_MODE": "disabled",
+        # Ray Train routes a worker's print() to its logger and, as Ray redirects stdout, prints
+        # it as well: every progress line of the training loop reached the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     if not _has_nvidia_gpu():
         wanted["DS_ACCELERATOR"] = "cpu"

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-from pipelines.config import MlflowConfig
+from pipelines.config.services import MlflowConfig
 
 KIND = "crossmodal.kind"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -71,7 +71,8 @@ def process_start(pid: int) -> str:
 
 
 def metric_name(name: str) -> str:
-    """MLflow allows letters, digits, '_-. :/' in metric and param names: 'samples.image+text' -> 'samples.image_text'."""
+    """MLflow allows letters, digits, '_-. :/' in metric and param names:
+    'samples.image+text' -> 'samples.image_text'."""
     return re.sub(r"[^\w\-. :/]", "_", name)
 
 

@@ -81,7 +81,9 @@ def connect_ray(cfg: RayConfig, env_vars: dict[str, str]) -> str:
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         # Inside a Ray job, ray.init refuses env_vars the job already sets: add only the others.
         ours = {k: v for k, v in env_vars.items() if k not in job_env_vars()}
-        common = {"runtime_env": {"env_vars": ours}, "logging_level": logging.WARNING}
+        # worker_setup: one line instead of a Ray thread's bare traceback (pipelines.patches).
+        runtime_env = {"env_vars": ours, "worker_process_setup_hook": "pipelines.patches.worker_setup"}
+        common = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
         if address:
             ray.init(address=address, **common)
         else:

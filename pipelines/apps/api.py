@@ -21,17 +21,18 @@ import numpy as np
 import torch
 
 from model.io import SavedModel
-from pipelines.apps import predict
-from pipelines.apps.resolve import load_model
-from pipelines.apps.safety import SafetyConfig, SafetyFilter
 from pipelines.data.collate import IMAGE_MEAN, IMAGE_STD
 from pipelines.data.decode import DecodeSettings, Unusable, decode_audio, decode_image
+from pipelines.errors import UserError
+from pipelines.inference import predict
+from pipelines.inference.resolve import load_model
+from pipelines.inference.safety import SafetyConfig, SafetyFilter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A bad file, question or query; the message is one line naming it."""
 
 

@@ -55,7 +55,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from pipelines.apps.predict import embed
+        from pipelines.inference.predict import embed
 
         app = self.app
         model_batch = app.batch(

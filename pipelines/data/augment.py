@@ -21,91 +21,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from pipelines.configbase import Strict
+from pipelines.config.prepare import AudioAugment, ImageAugment, NegativeCaptions, TextAugment, word_groups
+from pipelines.patches import import_nlpaug
 
 SYNONYMS_FILE = Path(__file__).with_name("synonyms.txt")
 CONTRAST_FILE = Path(__file__).with_name("contrast_words.txt")
 LEFT_RIGHT = re.compile(r"\b(left|right)\b|[左右]", re.IGNORECASE)
-
-
-class ImageAugment(Strict):
-    p_crop: float = Field(0.5, ge=0, le=1)
-    crop_scale: tuple[float, float] = (0.85, 1.0)
-    p_rotate: float = Field(0.3, ge=0, le=1)
-    max_rotate_degrees: float = Field(8.0, ge=0, le=45)
-    p_color: float = Field(0.5, ge=0, le=1)
-    p_blur: float = Field(0.1, ge=0, le=1)
-    p_flip: float = Field(0.5, ge=0, le=1)
-
-
-class TextAugment(Strict):
-    p_swap: float = Field(0.1, ge=0, le=1)
-    p_delete: float = Field(0.05, ge=0, le=1)
-    p_keyboard: float = Field(0.05, ge=0, le=1)
-    p_ocr: float = Field(0.05, ge=0, le=1)
-    p_spelling: float = Field(0.05, ge=0, le=1)
-    p_synonym: float = Field(0.3, ge=0, le=1)
-    synonyms_file: str | None = Field(
-        None, description="one group of interchangeable words per line; null: the shipped table"
-    )
-    wordnet_data: str | None = Field(
-        None, description="an NLTK data folder with wordnet + the POS tagger: adds WordNet synonyms"
-    )
-
-
-class AudioAugment(Strict):
-    p_noise: float = Field(0.3, ge=0, le=1)
-    p_shift: float = Field(0.3, ge=0, le=1)
-    max_shift_seconds: float = Field(0.02, ge=0, le=1)
-    p_loudness: float = Field(0.3, ge=0, le=1)
-    loudness: tuple[float, float] = (0.7, 1.3)
-    p_mask: float = Field(0.1, ge=0, le=1)
-    mask_coverage: float = Field(0.05, ge=0, le=1)
-    p_speed: float = Field(0.1, ge=0, le=1)
-    speed: tuple[float, float] = (0.97, 1.03)
-    p_pitch: float = Field(0.1, ge=0, le=1)
-    pitch_semitones: tuple[float, float] = (-0.3, 0.3)
-
-
-class NegativeCaptions(Strict):
-    """Hard negative captions (NegCLIP, Yuksekgonul et al. 2023): the sample's own text with one
-    word swapped for another of its group (a colour for another colour, "left" for "right"), so
-    it is false for this sample yet differs by one attribute. Contrastive training scores them
-    as extra negatives for the image and audio; in-batch negatives alone rarely differ by one
-    attribute, so a model can reach a low loss while ignoring the hardest one (shape, here)."""
-
-    p: float = Field(0.0, ge=0, le=1, description="share of training samples given negative captions")
-    count: int = Field(1, ge=1, le=8, description="negative captions per sample (distinct where the text allows)")
-    words_file: str | None = Field(
-        None,
-        description="one group of mutually exclusive words per line; a path, or the name of a "
-        "table in pipelines/data/; null: contrast_words.txt",
-    )
-
-    @field_validator("words_file")
-    @classmethod
-    def _has_groups(cls, path: str | None) -> str | None:
-        """Checked when the config loads (not in a Ray worker mid-run), and made absolute so the
-        workers read the file the user meant whatever their working directory."""
-        if path is None:
-            return None
-        resolved = Path(path).expanduser().resolve()
-        if not resolved.is_file() and Path(path).name == path:
-            resolved = Path(__file__).parent / path  # a bare name also finds a table shipped here
-        if not resolved.is_file():
-            raise ValueError(f"{path}: no such file")
-        if not word_groups(resolved):
-            raise ValueError(f"{path}: no line with two or more words to swap")
-        return str(resolved)
-
-
-class AugmentConfig(Strict):
-    image: ImageAugment = ImageAugment()
-    text: TextAugment = TextAugment()
-    audio: AudioAugment = AudioAugment()
-    negatives: NegativeCaptions = NegativeCaptions()
 
 
 def seed_everything(seed: int) -> None:
@@ -150,15 +72,12 @@ def augment_image(pixels: np.ndarray, caption: str, cfg: ImageAugment, seed: int
 
 
 # -- text --------------------------------------------------------------------------------------
-def word_groups(path: str | Path) -> list[list[str]]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.split() for line in lines if line.strip() and not line.startswith("#") and len(line.split()) > 1]
 
 
 @lru_cache(maxsize=4)
 def text_ops(cfg: TextAugment) -> list[tuple[float, object]]:
-    import nlpaug.augmenter.char as nac
-    import nlpaug.augmenter.word as naw
+    nac = import_nlpaug("nlpaug.augmenter.char")
+    naw = import_nlpaug("nlpaug.augmenter.word")
 
     ops = [
         (cfg.p_swap, naw.RandomWordAug(action="swap", aug_max=1)),
@@ -224,7 +143,7 @@ def match_case(original: str, word: str) -> str:
 def audio_ops(cfg: AudioAugment, rate: int) -> list[tuple[float, object]]:
     """(probability, op) in a fixed order; an op that never runs is not built (speed and pitch need
     librosa, which a GPU image may lack)."""
-    import nlpaug.augmenter.audio as naa
+    naa = import_nlpaug("nlpaug.augmenter.audio")
 
     whole = {"zone": (0.0, 1.0), "coverage": 1.0}
     makers = [

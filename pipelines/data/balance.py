@@ -9,34 +9,9 @@ m = 1 and the named ones share what is left. Over an epoch the mixture matches t
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
-from pydantic import Field, field_validator
 
-from pipelines.configbase import Strict
 from pipelines.data.augment import sample_seed
-
-COMBINATIONS = ("image+text+audio", "image+text", "text+audio", "image+audio", "image", "text", "audio")
-
-
-class BalanceConfig(Strict):
-    target: dict[str, float] | None = Field(None, description="combination -> share of the stream; null: no resampling")
-    loss_weights: Literal["none", "inverse_frequency"] | dict[str, float] = "none"
-
-    @field_validator("target")
-    @classmethod
-    def _target(cls, target):
-        if target is None:
-            return None
-        for combo, share in target.items():
-            if combo not in COMBINATIONS:
-                raise ValueError(f"unknown combination '{combo}' (one of {', '.join(COMBINATIONS)})")
-            if not 0 <= share <= 1:
-                raise ValueError(f"share of '{combo}' must be in [0, 1], got {share}")
-        if sum(target.values()) > 1 + 1e-6:
-            raise ValueError(f"target shares sum to {sum(target.values()):g} > 1")
-        return target
 
 
 def multiplicities(counts: dict[str, int], target: dict[str, float] | None) -> dict[str, float]:

@@ -24,6 +24,7 @@ import ray
 from pipelines.data.datasource import EpochStream, SafeShardDatasource
 from pipelines.data.spec import DatasetSpec
 from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch, with_epoch
+from pipelines.patches import install_idle_backoff
 from pipelines.storage import Storage
 
 
@@ -123,13 +124,15 @@ def build_dataset(
     )
 
 
-def limit_data_cpus(cpus: float) -> None:
+def limit_data_cpus(cpus: float, progress_bars: bool = True) -> None:
     """Cap the CPUs Ray Data takes in this process's executions, so train workers keep theirs;
-    no spinning while the consumer is the bottleneck (see pipelines.data.executor).
-    Per-operator progress bars off: from a stage task they reach the driver as log lines."""
-    from pipelines.data.executor import install
-
+    no spinning while the consumer is the bottleneck (`pipelines.patches.IdleBackoff`).
+    Per-operator progress bars off: from a stage task they reach the driver as log lines.
+    `progress_bars=False` turns the dataset's bar off too: a training stream's bar counts the
+    rows of every epoch of a pass, which a time or step budget ends long before (the training
+    loop prints its own progress instead)."""
     ctx = ray.data.DataContext.get_current()
-    install(ctx)
+    install_idle_backoff(ctx)
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=cpus)
     ctx.enable_operator_progress_bars = False
+    ctx.enable_progress_bars = progress_bars

@@ -119,6 +119,13 @@ def decode_audio(data: bytes, settings: DecodeSettings, member: str = "audio") -
     return out, valid
 
 
+def audio_duration(data: bytes) -> float:
+    """Seconds of a clip as recorded, before the crop to max_audio_seconds (a header read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(sf.info(io.BytesIO(data)).duration)
+
+
 def decode_meta(json_bytes: bytes | None, cls_bytes: bytes | None, member: str = "json") -> dict:
     """question, answer, label (strings, '' when absent) from the json and .cls members."""
     meta = {}

@@ -16,7 +16,7 @@ minutes on two CPU cores (retrieval recall@1 >= 0.8 among 500+ candidates). With
 shapes the model has to bind nine attributes per scene and plateaued near 0.7; and identical
 scenes are indistinguishable, so one-shape scenes (216 possible) put a ceiling on recall@1:
 among the demo's ~680 test images, no model can score above 0.87 with a third of them, 0.91
-with a quarter, 0.97 with a tenth (tests/pipelines/test_demo_world.py computes it). Single
+with a quarter, 0.97 with a tenth (tests/pipelines/data/test_demo_world.py computes it). Single
 shapes are therefore rare (10%), and shapes fill most of their cell (a model that saw 30k
 samples still told shapes apart at chance when they were 12-17 px wide, while colour and
 position were learnt).
@@ -43,6 +43,8 @@ from functools import lru_cache
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
+
+from pipelines.config.ingest import SHAPE_COUNTS  # probability of a scene with 1, 2 (, 3) shapes
 
 COLOURS = {
     "red": (215, 38, 38),
@@ -85,7 +87,6 @@ POSITION_PHRASES = {
 COUNT_WORDS = ("zero", "one", "two", "three")
 CAPTION_TEMPLATES = ("{objects}.", "there is {objects}.", "a picture of {objects}.", "{count} {noun}: {objects}.")
 ANSWERS = tuple(COLOURS) + SHAPES + COUNT_WORDS[1:] + POSITIONS
-SHAPE_COUNTS = (0.1, 0.9)  # probability of a scene with 1, 2 (, 3) shapes; see the module docstring
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from pipelines.data.augment import AugmentConfig
+from pipelines.config.prepare import AugmentConfig
 from pipelines.data.decode import DecodeSettings
 
 
@@ -25,6 +25,7 @@ class DatasetSpec(BaseModel):
     member_limit: int
     batch_size: int = 32
     data_cpus: float = 2.0
+    profile: dict = {}  # what the data holds (pipelines.data.profile), for the stages' own checks
 
     @property
     def settings(self) -> DecodeSettings:

@@ -12,16 +12,18 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipelines.data.augment import (
-    AugmentConfig,
-    augment_audio,
-    augment_image,
-    augment_text,
-    negative_captions,
-    sample_seed,
-)
+from pipelines.config.prepare import AugmentConfig
+from pipelines.data.augment import augment_audio, augment_image, augment_text, negative_captions, sample_seed
 from pipelines.data.balance import copies
-from pipelines.data.decode import DecodeSettings, Unusable, decode_audio, decode_image, decode_meta, decode_text
+from pipelines.data.decode import (
+    DecodeSettings,
+    Unusable,
+    audio_duration,
+    decode_audio,
+    decode_image,
+    decode_meta,
+    decode_text,
+)
 
 ANSWER_TOKENS = 8
 
@@ -54,6 +56,7 @@ def decode_row(row: dict, settings: DecodeSettings) -> dict:
         image=np.zeros((settings.image_size, settings.image_size, 3), np.uint8),
         audio=np.zeros(int(round(settings.sample_rate * settings.max_audio_seconds)), np.float32),
         audio_len=0,
+        audio_seconds=0.0,
     )
     if out["reason"]:
         return out
@@ -68,7 +71,7 @@ def decode_row(row: dict, settings: DecodeSettings) -> dict:
             out["has_text"] = True
         if row.get("audio") is not None:
             out["audio"], out["audio_len"] = decode_audio(row["audio"], settings, f"{row['key']}.{row['audio_ext']}")
-            out["has_audio"] = True
+            out["audio_seconds"], out["has_audio"] = audio_duration(row["audio"]), True
         out.update(decode_meta(row.get("json"), row.get("cls"), f"{row['key']}.json"))
     except Unusable as err:
         out.update(reason=err.reason, member=err.member, detail=err.detail[:500])
@@ -93,6 +96,7 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
         [d["audio"] for d in decoded], (int(round(settings.sample_rate * settings.max_audio_seconds)),), np.float32
     )
     out["audio_len"] = np.array([d["audio_len"] for d in decoded], dtype=np.int32)
+    out["audio_seconds"] = np.array([d["audio_seconds"] for d in decoded], dtype=np.float32)
     if "epoch" in batch:  # an EpochStream row knows its epoch
         out["epoch"] = np.asarray(batch["epoch"], dtype=np.int32)
     return out

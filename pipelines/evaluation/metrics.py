@@ -23,9 +23,11 @@ KS = (1, 5, 10)
 
 # -- retrieval -------------------------------------------------------------------------------
 def retrieval_ranks(similarity: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each query's own candidate (column `own[q]`) in its row; ties count against."""
+    """0-based rank of each query's own candidate (column `own[q]`) in its row. Ties count
+    against the query: a model whose embeddings collapsed (every score equal) ranks last, not
+    first, and a candidate it cannot tell from the right one is not a hit."""
     own_score = similarity.gather(1, own[:, None])
-    return (similarity > own_score).sum(dim=1)
+    return (similarity >= own_score).sum(dim=1) - 1
 
 
 def direction_ranks(queries, candidates, has_query, has_candidate) -> tuple[torch.Tensor, int]:
@@ -37,6 +39,19 @@ def direction_ranks(queries, candidates, has_query, has_candidate) -> tuple[torc
         return torch.zeros(0, dtype=torch.long), len(candidate_rows)
     sims = F.normalize(queries[query_rows].float(), dim=-1) @ F.normalize(candidates[candidate_rows].float(), dim=-1).T
     return retrieval_ranks(sims, torch.searchsorted(candidate_rows, query_rows)), len(candidate_rows)
+
+
+def top1_hub(queries, candidates, has_query, has_candidate) -> tuple[float, int]:
+    """Hubness of one direction: the share of queries whose top-1 result is the candidate that is
+    top-1 most often (1/candidates for a spread-out ranking; near 1 when one candidate wins for
+    every query), and that candidate's sample index."""
+    candidate_rows = has_candidate.nonzero().squeeze(1)
+    query_rows = (has_query & has_candidate).nonzero().squeeze(1)
+    if len(query_rows) == 0 or len(candidate_rows) < 2:
+        return 0.0, -1
+    sims = F.normalize(queries[query_rows].float(), dim=-1) @ F.normalize(candidates[candidate_rows].float(), dim=-1).T
+    counts = torch.bincount(sims.argmax(dim=1), minlength=len(candidate_rows))
+    return float(counts.max()) / len(query_rows), int(candidate_rows[counts.argmax()])
 
 
 def recall_summary(ranks: torch.Tensor, candidates: int) -> dict[str, float]:

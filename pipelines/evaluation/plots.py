@@ -28,18 +28,27 @@ def pyplot():
     return plt
 
 
-def similarity_heatmap(collected: Collected, path: Path, size: int = 32) -> Path:
+def similarity_heatmap(collected: Collected, path: Path, size: int = 32) -> Path | None:
+    """Text x image similarities (text x audio where the split has no image pairs); None
+    when no sample has text with either."""
     plt = pyplot()
     embeddings, present = collected.stacked()
-    rows = (present["text"] & present["image"]).nonzero().squeeze(1)[:size]
-    sims = (F.normalize(embeddings["text"][rows], dim=-1) @ F.normalize(embeddings["image"][rows], dim=-1).T).numpy()
+    pairs = [
+        (m, (present["text"] & present[m]).nonzero().squeeze(1)[:size])
+        for m in ("image", "audio")
+        if "text" in present and m in present
+    ]
+    other, rows = next(((m, rows) for m, rows in pairs if len(rows) > 1), (None, None))
+    if other is None:
+        return None
+    sims = (F.normalize(embeddings["text"][rows], dim=-1) @ F.normalize(embeddings[other][rows], dim=-1).T).numpy()
     fig, ax = plt.subplots(figsize=(7, 6))
     shown = ax.imshow(sims, cmap="viridis")
     fig.colorbar(shown, ax=ax, label="cosine similarity")
     ax.set(
-        xlabel="image",
+        xlabel=other,
         ylabel="text",
-        title=f"text x image similarity, first {len(rows)} test pairs\n(matching pairs on the diagonal)",
+        title=f"text x {other} similarity, first {len(rows)} pairs\n(matching pairs on the diagonal)",
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -47,11 +56,14 @@ def similarity_heatmap(collected: Collected, path: Path, size: int = 32) -> Path
     return path
 
 
-def recall_curves(collected: Collected, path: Path, max_k: int = 50) -> Path:
+def recall_curves(collected: Collected, path: Path, max_k: int = 50) -> Path | None:
     plt = pyplot()
     embeddings, present = collected.stacked()
+    directions = all_directions(embeddings, present)
+    if not directions:
+        return None
     fig, ax = plt.subplots(figsize=(7, 5))
-    for direction, (ranks, candidates) in sorted(all_directions(embeddings, present).items()):
+    for direction, (ranks, candidates) in sorted(directions.items()):
         k = min(max_k, candidates)
         ax.plot(
             np.arange(1, k + 1),
@@ -82,15 +94,21 @@ def top3(query: torch.Tensor, candidates: torch.Tensor, rows: np.ndarray) -> lis
     return [(int(rows[i]), float(s)) for s, i in zip(best.values, best.indices)]
 
 
-def example_grid(collected: Collected, path: Path, sample_rate: int, per_kind: int = 3) -> Path:
+def example_grid(collected: Collected, path: Path, sample_rate: int, per_kind: int = 3) -> Path | None:
+    """Text, image and audio queries with their top-3 results; None when no sample has a pair."""
     plt = pyplot()
     embeddings, _ = collected.stacked()
     flags = modality_flags(collected)
     media = len(collected.images)
     has = {m: np.flatnonzero(flags[m][:media]) for m in ("text", "image", "audio")}
-    queries = [("text", "image", i) for i in np.intersect1d(has["text"], has["image"])[:per_kind]]
-    queries += [("image", "text", i) for i in np.intersect1d(has["image"], has["text"])[per_kind : 2 * per_kind]]
-    queries += [("audio", "text", i) for i in np.intersect1d(has["audio"], has["text"])[2 * per_kind : 3 * per_kind]]
+    queries = []
+    for k, (source, target) in enumerate((("text", "image"), ("image", "text"), ("audio", "text"))):
+        both = np.intersect1d(has[source], has[target])
+        # Other samples for each kind of query where the split has enough of them.
+        chosen = both[k * per_kind : (k + 1) * per_kind] if len(both) >= (k + 1) * per_kind else both[:per_kind]
+        queries += [(source, target, i) for i in chosen]
+    if not queries:
+        return None
     fig, axes = plt.subplots(len(queries), 4, figsize=(13, 2.3 * len(queries)), squeeze=False)
     for row, (source, target, index) in enumerate(queries):
         draw_item(axes[row][0], collected, source, index, sample_rate, title=f"{source} query")

@@ -1,7 +1,8 @@
-"""Collected results -> the evaluate stage's metrics and its table of examples.
+"""Collected results -> metrics (the evaluate stage's and validation's) and the table of examples.
 
 Metric names (MLflow keys):
-    retrieval.<source>_to_<target>.{r1,r5,r10,mean_rank,candidates,queries}
+    retrieval.<source>_to_<target>.{r1,r5,r10,mean_rank,candidates,queries,hub_share,hub_paired}
+    caption.loss                                    teacher-forced, from every context modality
     caption.<context>.{bleu4,cider,samples}        context: image, audio, image_audio
     vqa.<context>.{exact,soft,questions}
     robustness.caption.without_<m>.{bleu4,cider}    drop when modality m is removed (positive = worse)
@@ -15,9 +16,10 @@ modality per side, so removing another changes nothing.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from pipelines.evaluation.collect import CONTEXTS, Collected, modality_flags
-from pipelines.evaluation.metrics import all_directions, bleu4, cider, recall_summary, vqa_exact, vqa_soft
+from pipelines.evaluation.collect import CONTEXTS, FULL, Collected, modality_flags
+from pipelines.evaluation.metrics import all_directions, bleu4, cider, recall_summary, top1_hub, vqa_exact, vqa_soft
 
 
 def caption_rows(collected: Collected, context: str, only: np.ndarray | None = None) -> np.ndarray:
@@ -28,7 +30,7 @@ def caption_rows(collected: Collected, context: str, only: np.ndarray | None = N
 
 def question_rows(collected: Collected, context: str, only: np.ndarray | None = None) -> np.ndarray:
     flags = modality_flags(collected)
-    asked = np.array([bool(a) for a in collected.answers])
+    asked = np.array(collected.answer_labels) >= 0
     rows = asked & np.any([flags[m] for m in CONTEXTS[context]], axis=0)
     return np.flatnonzero(rows if only is None else rows & only)
 
@@ -40,38 +42,66 @@ def caption_scores(collected: Collected, context: str, rows: np.ndarray) -> dict
 
 
 def vqa_scores(collected: Collected, context: str, rows: np.ndarray) -> dict[str, float]:
-    predicted = [collected.predicted[context][i] for i in rows]
-    references = [[collected.answers[i]] for i in rows]
+    """Exact match (and the VQA soft score) on the answer strings where the evaluation has them,
+    on the answer classes otherwise (validation: the same answer vocabulary on both sides)."""
     if not len(rows):
         return {"questions": 0}
-    return {
-        "exact": float(np.mean([vqa_exact(p, r) for p, r in zip(predicted, references)])),
-        "soft": float(np.mean([vqa_soft(p, r) for p, r in zip(predicted, references)])),
-        "questions": len(rows),
-    }
+    if collected.predicted.get(context):
+        predicted = [collected.predicted[context][i] for i in rows]
+        references = [[collected.answers[i]] for i in rows]
+        return {
+            "exact": float(np.mean([vqa_exact(p, r) for p, r in zip(predicted, references)])),
+            "soft": float(np.mean([vqa_soft(p, r) for p, r in zip(predicted, references)])),
+            "questions": len(rows),
+        }
+    predicted, labels = np.array(collected.predicted_labels[context]), np.array(collected.answer_labels)
+    return {"exact": float(np.mean(predicted[rows] == labels[rows])), "questions": len(rows)}
 
 
 def evaluation_metrics(collected: Collected) -> dict[str, float]:
+    """Every figure the collected parts allow (see the module docstring for the names)."""
     metrics: dict[str, float] = {}
     embeddings, present = collected.stacked()
     for direction, (ranks, candidates) in all_directions(embeddings, present).items():
         metrics |= {f"retrieval.{direction}.{k}": v for k, v in recall_summary(ranks, candidates).items()}
-    for context in CONTEXTS:
-        metrics |= prefixed(f"caption.{context}", caption_scores(collected, context, caption_rows(collected, context)))
-        metrics |= prefixed(f"vqa.{context}", vqa_scores(collected, context, question_rows(collected, context)))
+        source, target = direction.split("_to_")
+        share, hub = top1_hub(embeddings[source], embeddings[target], present[source], present[target])
+        # Whether the most-retrieved candidate has the query's modality: one that lacks it was
+        # never contrasted against that modality in training (see docs/evaluation.md, hubness).
+        metrics[f"retrieval.{direction}.hub_share"] = share
+        metrics[f"retrieval.{direction}.hub_paired"] = float(present[source][hub])
+    valid = torch.cat(collected.caption_valid) if collected.caption_valid else torch.zeros(0, dtype=torch.bool)
+    if valid.any():
+        metrics["caption.loss"] = float(torch.cat(collected.caption_loss)[valid].mean())
+    for context in collected.captions:  # a context the split has no sample for is left out
+        if len(rows := caption_rows(collected, context)):
+            metrics |= prefixed(f"caption.{context}", caption_scores(collected, context, rows))
+    for context in collected.predicted_labels:
+        if len(rows := question_rows(collected, context)):
+            metrics |= prefixed(f"vqa.{context}", vqa_scores(collected, context, rows))
+    metrics |= robustness(collected)
+    if collected.captions or collected.predicted:
+        for kind, (checked, blocked) in collected.filter_counts.items():
+            metrics[f"safety.{kind}.checked"], metrics[f"safety.{kind}.blocked"] = checked, blocked
+    metrics["samples"] = len(collected)
+    return metrics
+
+
+def robustness(collected: Collected) -> dict[str, float]:
+    """The drop when one context modality is removed, on the samples that have both."""
+    metrics: dict[str, float] = {}
     flags = modality_flags(collected)
     both = flags["image"] & flags["audio"]
-    full_caption = caption_scores(collected, "image_audio", caption_rows(collected, "image_audio", both))
-    full_vqa = vqa_scores(collected, "image_audio", question_rows(collected, "image_audio", both))
     for removed, kept in (("image", "audio"), ("audio", "image")):
-        alone = caption_scores(collected, kept, caption_rows(collected, kept, both))
-        metrics |= {f"robustness.caption.without_{removed}.{k}": full_caption[k] - alone[k] for k in ("bleu4", "cider")}
-        if full_vqa["questions"]:
-            alone_vqa = vqa_scores(collected, kept, question_rows(collected, kept, both))
-            metrics[f"robustness.vqa.without_{removed}.exact"] = full_vqa["exact"] - alone_vqa["exact"]
-    for kind, (checked, blocked) in collected.filter_counts.items():
-        metrics[f"safety.{kind}.checked"], metrics[f"safety.{kind}.blocked"] = checked, blocked
-    metrics["samples"] = len(collected.references)
+        if FULL in collected.captions and kept in collected.captions and len(caption_rows(collected, kept, both)):
+            full = caption_scores(collected, FULL, caption_rows(collected, FULL, both))
+            alone = caption_scores(collected, kept, caption_rows(collected, kept, both))
+            metrics |= {f"robustness.caption.without_{removed}.{k}": full[k] - alone[k] for k in ("bleu4", "cider")}
+        if FULL in collected.predicted_labels and kept in collected.predicted_labels:
+            full_vqa = vqa_scores(collected, FULL, question_rows(collected, FULL, both))
+            if full_vqa["questions"]:
+                alone_vqa = vqa_scores(collected, kept, question_rows(collected, kept, both))
+                metrics[f"robustness.vqa.without_{removed}.exact"] = full_vqa["exact"] - alone_vqa["exact"]
     return metrics
 
 
@@ -89,10 +119,10 @@ def example_table(collected: Collected, limit: int = 200) -> list[dict]:
                 "sample": i,
                 "has": "+".join(m for m in ("image", "text", "audio") if flags[m][i]),
                 "reference_caption": collected.references[i],
-                **{f"caption_from_{c}": collected.captions[c][i] for c in CONTEXTS},
+                **{f"caption_from_{c}": collected.captions[c][i] for c in collected.captions},
                 "question": collected.questions[i],
                 "reference_answer": collected.answers[i],
-                **{f"answer_from_{c}": collected.predicted[c][i] for c in CONTEXTS},
+                **{f"answer_from_{c}": collected.predicted[c][i] for c in collected.predicted},
             }
         )
     return rows

@@ -1,7 +1,7 @@
 """The stage registry: each stage is its config section plus one function.
 
-Later stages (prepare, train, evaluate, distill, prune, quantize, register) plug in here the
-same way: a module with a typed config and a function, and one `Stage(...)` line below.
+A new stage is a module with its function (its config section in `pipelines.config`) and one
+`Stage(...)` line below. Its identity follows the code it imports (`pipelines.dag.code_version`).
 """
 
 from pipelines.dag import Stage
@@ -12,70 +12,9 @@ from pipelines.stages.shard import shard
 from pipelines.stages.train import train
 
 STAGES: list[Stage] = [
-    Stage(
-        "ingest",
-        ingest,
-        section="ingest",
-        fingerprint=source_fingerprint,
-        code=("pipelines.data.demo_world", "pipelines.data.records", "pipelines.data.wds_reader"),
-    ),
-    Stage("shard", shard, section="shard", needs=("ingest",), code=("pipelines.data.records",)),
-    Stage(
-        "prepare",
-        prepare,
-        section="prepare",
-        needs=("shard",),
-        code=(
-            "pipelines.data.augment",
-            "pipelines.data.balance",
-            "pipelines.data.dataset",
-            "pipelines.data.datasource",
-            "pipelines.data.decode",
-            "pipelines.data.transforms",
-            "pipelines.data.wds_reader",
-            "model.tokenizer",
-        ),
-    ),
-    Stage(
-        "train",
-        train,
-        section="train",
-        needs=("prepare",),
-        code=(
-            "pipelines.training.config",
-            "pipelines.training.engine",
-            "pipelines.training.loop",
-            "pipelines.training.ray_worker",
-            "pipelines.training.evaluation",
-            "pipelines.evaluation.metrics",
-            "pipelines.data.collate",
-            "model.multimodal",
-            "model.encoders",
-            "model.fusion",
-            "model.decoder",
-            "model.heads",
-            "model.objectives",
-            "model.layers",
-            "model.config",
-        ),
-    ),
-    Stage(
-        "evaluate",
-        evaluate,
-        section="evaluate",
-        needs=("prepare", "train"),
-        code=(
-            "pipelines.evaluation.collect",
-            "pipelines.evaluation.metrics",
-            "pipelines.evaluation.plots",
-            "pipelines.evaluation.report",
-            "pipelines.apps.predict",
-            "pipelines.apps.safety",
-            "pipelines.apps.resolve",
-            "pipelines.data.collate",
-            "model.multimodal",
-            "model.decoder",
-            "model.io",
-        ),
-    ),
+    Stage("ingest", ingest, section="ingest", fingerprint=source_fingerprint),
+    Stage("shard", shard, section="shard", needs=("ingest",)),
+    Stage("prepare", prepare, section="prepare", needs=("shard",)),
+    Stage("train", train, section="train", needs=("prepare",)),
+    Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train")),
 ]

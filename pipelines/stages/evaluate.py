@@ -14,17 +14,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import Field
 
-from pipelines.apps.resolve import load_model
-from pipelines.apps.safety import SafetyConfig, SafetyFilter
-from pipelines.configbase import Strict
+from pipelines.config.evaluate import EvaluateConfig
 from pipelines.dag import StageContext, StageError, StageResult
 from pipelines.data.collate import to_model_batch
 from pipelines.data.dataset import DatasetSpec, build_dataset, limit_data_cpus
-from pipelines.evaluation.collect import collect
+from pipelines.data.profile import MODALITIES, skipped_parts
+from pipelines.evaluation.collect import CONTEXTS, Scoring, collect
 from pipelines.evaluation.plots import example_grid, recall_curves, similarity_heatmap
 from pipelines.evaluation.report import evaluation_metrics, example_table
+from pipelines.inference.resolve import load_model
+from pipelines.inference.safety import SafetyFilter
 from pipelines.storage import Storage
 
 HEADLINE = (
@@ -40,20 +40,6 @@ HEADLINE = (
 )
 
 
-class EvaluateConfig(Strict):
-    model: str | None = Field(
-        None, description="null: the train stage's model; else a folder, runs:/<id>/model or models:/<name>@<alias>"
-    )
-    split: str = Field("test", min_length=1)
-    batch_size: int = Field(64, ge=1)
-    beam_size: int = Field(1, ge=1, le=16, description="beam width for captions (1 = greedy)")
-    max_caption_tokens: int = Field(32, ge=4, le=256)
-    max_samples: int | None = Field(None, ge=1, description="evaluate the first N samples of the split only")
-    table_rows: int = Field(200, ge=0, description="samples in the examples table")
-    # The content filter generated text passes; the CLI applications read it from here too.
-    safety: SafetyConfig = SafetyConfig()
-
-
 def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     spec = DatasetSpec(**Storage(ctx.inputs["prepare"].outputs["spec"]).read_json())
     if cfg.split not in spec.shards:
@@ -65,17 +51,23 @@ def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     limit_data_cpus(spec.data_cpus)
     safety = SafetyFilter(cfg.safety)
     batches = split_batches(spec, cfg.split, cfg.batch_size, cfg.max_samples)
-    collected = collect(
-        saved.model,
-        saved.tokenizer,
-        saved.answers or spec.answers,
-        batches,
-        safety,
-        cfg.beam_size,
-        cfg.max_caption_tokens,
+    scoring = Scoring(
+        contexts=contexts_of(spec.profile),
+        tokenizer=saved.tokenizer,
+        answer_names=tuple(saved.answers),
+        generate=True,
+        safety=safety,
+        beam_size=cfg.beam_size,
+        max_tokens=cfg.max_caption_tokens,
         keep_media=cfg.max_samples or 100_000,
     )
+    collected = collect(saved.model, batches, scoring)
     metrics = evaluation_metrics(collected)
+    skipped = skipped_parts({m: int(collected.flag(m).sum()) for m in MODALITIES}, questions(collected), cfg.split)
+    if not saved.answers and questions(collected):
+        skipped.append("the model has no answer vocabulary (trained without questions): VQA skipped")
+    for note in skipped:
+        print(f"evaluate: {note}")
     print(
         f"evaluate: {ref} on {cfg.split} ({metrics['samples']} samples): "
         + ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics)
@@ -83,11 +75,12 @@ def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     artifacts = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        plots = [
+        drawn = [
             similarity_heatmap(collected, folder / "similarity.png"),
             recall_curves(collected, folder / "recall_at_k.png"),
             example_grid(collected, folder / "examples.png", saved.model.cfg.sample_rate),
         ]
+        plots = [path for path in drawn if path is not None]  # None: the split lacks what the plot shows
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for path in [*plots, folder / "metrics.json"]:
             ctx.output.write_bytes(path.read_bytes(), path.name)
@@ -95,10 +88,23 @@ def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     return StageResult(
         outputs={"metrics": artifacts["metrics.json"], "model": str(ref)},
         metrics=metrics,
-        summary={k: metrics[k] for k in HEADLINE if k in metrics},
-        tables={"examples": example_table(collected, cfg.table_rows)},
+        summary={**{k: metrics[k] for k in HEADLINE if k in metrics}, "skipped": skipped},
+        tables={"examples": example_table(collected, cfg.table_rows), "skipped": [{"note": n} for n in skipped]},
         artifacts=artifacts,
     )
+
+
+def contexts_of(profile: dict) -> tuple[str, ...]:
+    """The generation contexts the data has every modality of: for images only, captions from
+    the image (a 'full' image + audio context would score the same samples again)."""
+    have = profile.get("modalities")
+    if not have:
+        return tuple(CONTEXTS)
+    return tuple(name for name, modalities in CONTEXTS.items() if all(have.get(m) for m in modalities))
+
+
+def questions(collected) -> int:
+    return sum(1 for label in collected.answer_labels if label >= 0)
 
 
 def load_stage_model(ref: str, tracking_uri: str):

@@ -14,62 +14,19 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
 
-from pipelines.configbase import Strict
+from pipelines.config.ingest import IngestConfig
 from pipelines.dag import StageContext, StageError, StageResult
-from pipelines.data.demo_world import SHAPE_COUNTS, DemoWorld
+from pipelines.data.demo_world import DemoWorld
 from pipelines.data.records import SCHEMA, combination, to_table
 from pipelines.data.wds_reader import Member, Rejected, assemble, read_tar, split_name, unsafe_name
 from pipelines.parallel import map_tasks
 from pipelines.storage import Storage
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-class DemoWorldConfig(Strict):
-    num_samples: int = Field(6000, ge=1, le=50_000_000)
-    seed: int = Field(0, ge=0)
-    image_size: int = Field(64, ge=24, le=1024)
-    image_format: Literal["jpg", "png"] = "jpg"
-    sample_rate: int = Field(16000, ge=4000, le=48000)
-    audio_seconds: float = Field(1.0, gt=0.1, le=30.0)
-    audio_format: Literal["wav", "flac"] = "flac"
-    missing_image: float = Field(0.10, ge=0.0, le=1.0)
-    missing_audio: float = Field(0.15, ge=0.0, le=1.0)
-    shape_counts: list[float] = Field(
-        list(SHAPE_COUNTS), min_length=1, max_length=3, description="probability of a scene with 1, 2, 3 shapes"
-    )
-
-    @model_validator(mode="after")
-    def _fractions(self):
-        if any(p < 0 for p in self.shape_counts) or sum(self.shape_counts) <= 0:
-            raise ValueError("shape_counts must be non-negative with a positive sum")
-        if self.missing_image + self.missing_audio > 1.0:
-            raise ValueError("missing_image + missing_audio must be at most 1")
-        return self
-
-
-class IngestConfig(Strict):
-    source: Literal["demo", "folder", "jsonl", "shards"] = "demo"
-    path: str | None = Field(None, description="folder, manifest file or shard folder/file (local path or URI)")
-    samples_per_part: int = Field(1000, ge=1, le=1_000_000)
-    max_member_mb: float = Field(64.0, gt=0.0, le=4096.0)
-    demo: DemoWorldConfig = DemoWorldConfig()
-
-    @model_validator(mode="after")
-    def _path_for_user_data(self):
-        if self.source != "demo" and not self.path:
-            raise ValueError(f"path is required when source is '{self.source}'")
-        return self
-
-    @property
-    def member_limit(self) -> int:
-        return int(self.max_member_mb * 1024 * 1024)
 
 
 @dataclass
@@ -110,19 +67,42 @@ def ingest(cfg: IngestConfig, ctx: StageContext) -> StageResult:
 
 def source_fingerprint(cfg: IngestConfig) -> str:
     """Digest of the user's data as the filesystem lists it (name, size, modification time):
-    editing, adding or removing a file changes it. For a manifest, the files of its folder
-    (where its relative media paths point). The demo world is its config alone."""
+    editing, adding or removing a file changes it. For a manifest, the manifest itself and the
+    files its lines name, not the folder around it: a manifest in a working directory would
+    otherwise count the pipeline's own outputs there, which change while it runs. The demo
+    world is its config alone."""
     if cfg.source == "demo":
         return ""
     source = Storage(cfg.path)
-    if cfg.source == "jsonl":
-        source = Storage(posixpath.dirname(source.uri))
     info = source.fs.get_file_info(source.path())
     if info.type == pafs.FileType.NotFound:
         return "missing"
-    files = [info] if info.is_file else source.fs.get_file_info(pafs.FileSelector(source.path(), recursive=True))
+    if cfg.source == "jsonl" and info.is_file:
+        files = [info, *manifest_media(source)]
+    else:
+        files = [info] if info.is_file else source.fs.get_file_info(pafs.FileSelector(source.path(), recursive=True))
     listing = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def manifest_media(manifest: Storage) -> list[pafs.FileInfo]:
+    """The files a manifest's lines name (image, audio), as the filesystem lists them."""
+    base = Storage(posixpath.dirname(manifest.uri))
+    uris = set()
+    for line in manifest.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # the stage itself rejects the line, with its reason
+        for field in ("image", "audio"):
+            if isinstance(entry, dict) and entry.get(field):
+                path = str(entry[field])
+                uris.add(path if "://" in path else base.child(path).uri)
+    infos = []
+    for uri in sorted(uris):
+        media = Storage(uri)
+        infos.append(media.fs.get_file_info(media.path()))
+    return infos
 
 
 # -- planning: runs in the stage task, lists the source and cuts it into units ----------------
@@ -210,7 +190,8 @@ def write_part(unit: Unit, cfg: IngestConfig, out: Storage) -> dict:
 def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
     limit = cfg.member_limit
     if unit.kind == "demo":
-        settings = cfg.demo.model_dump(exclude={"num_samples"})
+        # Sizes left unset (a section built alone, not through a pipeline config) keep the world's defaults.
+        settings = {k: v for k, v in cfg.demo.model_dump(exclude={"num_samples"}).items() if v is not None}
         world = DemoWorld(**settings | {"shape_counts": tuple(settings["shape_counts"])})
         start, stop = unit.items
         yield from (world.sample(i) for i in range(start, stop))

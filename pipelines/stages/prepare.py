@@ -15,45 +15,38 @@ import posixpath
 import time
 from collections import Counter, defaultdict
 
-from pydantic import Field
-
 from model.tokenizer import Tokenizer
-from pipelines.configbase import Strict
+from pipelines.config.prepare import PrepareConfig
 from pipelines.dag import StageContext, StageError, StageResult
-from pipelines.data.augment import AugmentConfig
-from pipelines.data.balance import BalanceConfig, expected_counts, loss_weights, multiplicities
+from pipelines.data.augment import negative_captions
+from pipelines.data.balance import expected_counts, loss_weights, multiplicities
 from pipelines.data.dataset import DatasetSpec, build_dataset, limit_data_cpus, read_decoded
 from pipelines.data.decode import DecodeSettings
+from pipelines.data.profile import Finding, data_profile, prepare_findings
 from pipelines.data.report import augmentation_preview, balance_histogram
 from pipelines.data.transforms import augment_batch, decode_row
 from pipelines.data.wds_reader import read_tar
 from pipelines.storage import Storage
 
-SUMMARY_FIELDS = ("key", "source", "split", "reason", "member", "detail", "combo", "caption", "question", "answer")
+SUMMARY_FIELDS = (
+    "key",
+    "source",
+    "split",
+    "reason",
+    "member",
+    "detail",
+    "combo",
+    "caption",
+    "question",
+    "answer",
+    "audio_seconds",
+)
 
 
-class PrepareConfig(Strict):
-    seed: int = Field(0, ge=0)
-    image_size: int = Field(64, ge=16, le=1024)
-    sample_rate: int = Field(16000, ge=4000, le=48000)
-    max_audio_seconds: float = Field(1.0, gt=0, le=60)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_text_chars: int = Field(512, ge=1)
-    max_text_len: int = Field(48, ge=4, le=1024, description="tokens, <bos> and <eos> included")
-    max_member_mb: float = Field(64.0, gt=0)
-    vocab_size: int = Field(1024, ge=300, le=200_000)
-    max_answers: int = Field(1000, ge=1)
-    augment: AugmentConfig = AugmentConfig()
-    balance: BalanceConfig = BalanceConfig()
-    materialize: bool = False
-    data_cpus: float = Field(2.0, gt=0, description="CPUs Ray Data may hold, so train workers keep theirs")
-    batch_size: int = Field(32, ge=1)
-    preview_samples: int = Field(8, ge=0, le=32)
-
-    def decode_settings(self) -> DecodeSettings:
-        return DecodeSettings(
-            self.image_size, self.max_image_pixels, self.sample_rate, self.max_audio_seconds, self.max_text_chars
-        )
+def decode_settings(cfg: PrepareConfig) -> DecodeSettings:
+    return DecodeSettings(
+        cfg.image_size, cfg.max_image_pixels, cfg.sample_rate, cfg.max_audio_seconds, cfg.max_text_chars
+    )
 
 
 def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
@@ -66,9 +59,11 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
     }
     if not shards.get("train"):
         raise StageError("prepare: the shard index has no train shards")
+    findings = [empty_split(split) for split, files in shards.items() if not files]
+    shards = {split: files for split, files in shards.items() if files}
     spec = DatasetSpec(
         shards=shards,
-        decode=cfg.decode_settings().__dict__,
+        decode=decode_settings(cfg).__dict__,
         tokenizer_json="",
         answers=[],
         max_text_len=cfg.max_text_len,
@@ -76,7 +71,7 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
         multiplicity={},
         weights={},
         seed=cfg.seed,
-        member_limit=int(cfg.max_member_mb * 2**20),
+        member_limit=cfg.member_limit,
         batch_size=cfg.batch_size,
         data_cpus=cfg.data_cpus,
     )
@@ -97,6 +92,14 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
     train = [r for r in usable if r["split"] == "train"]
     if not train:
         raise StageError("prepare: no usable train samples (see quarantine.jsonl)")
+    # A split whose every sample was quarantined streams nothing: the spec leaves it out.
+    unusable = [split for split in spec.shards if split != "train" and not any(r["split"] == split for r in usable)]
+    findings += [empty_split(split) for split in unusable]
+    spec = spec.model_copy(update={"shards": {s: f for s, f in spec.shards.items() if s not in unusable}})
+    profile = data_profile(usable)
+    findings += prepare_findings(cfg, profile, negatable(cfg, train))
+    for finding in findings:
+        print(f"prepare: warning: {finding}")
 
     tokenizer = Tokenizer.train(
         [t for r in train for t in (r["caption"], r["question"], r["answer"]) if t], cfg.vocab_size
@@ -119,8 +122,10 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
             "answers": answers,
             "multiplicity": plan["multiplicity"],
             "weights": plan["weights"],
+            "profile": profile,
         }
     )
+    ctx.output.write_json(profile, "profile.json")
     ctx.output.write_json(spec.model_dump(mode="json"), "dataset_spec.json")
     preview_rows = preview(spec, cfg, ctx.output)
     first_batch = consumer_check(spec)
@@ -134,6 +139,7 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
         "vocab_size": tokenizer.vocab_size,
         "answers": len(answers),
         "first_batch_seconds": first_batch,
+        "warnings": len(findings),
     }
     metrics |= {f"quarantined.{reason}": n for reason, n in reasons.items()}
     metrics |= {f"samples.{split}": n for split, n in per_split.items()}
@@ -151,19 +157,42 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
             "quarantine": f"{out}/quarantine.jsonl",
         },
         metrics=metrics,
-        summary={"usable": dict(per_split), "quarantined": dict(reasons), "answers": len(answers)},
+        summary={
+            "usable": dict(per_split),
+            "quarantined": dict(reasons),
+            "answers": len(answers),
+            "warnings": [str(f) for f in findings],
+        },
         tables={
             "quarantine": [{k: r[k] for k in ("key", "source", "member", "reason", "detail")} for r in quarantined][
                 :5000
             ],
             "augmentation_texts": preview_rows,
+            "warnings": [f.as_row() for f in findings],
         },
         artifacts={
             "plots/balance.png": f"{out}/plots/balance.png",
             "plots/augmentation_preview.png": f"{out}/plots/augmentation_preview.png",
             "balance.json": f"{out}/balance.json",
+            "profile.json": f"{out}/profile.json",
         },
     )
+
+
+def empty_split(split: str) -> Finding:
+    return Finding(
+        "shard.splits",
+        f"the {split} split has no usable sample (too little data for its fraction): "
+        f"what needs it ({'validation' if split == 'val' else 'scoring on it'}) is skipped",
+    )
+
+
+def negatable(cfg: PrepareConfig, train: list[dict]) -> int:
+    """Train captions the negative-caption table can change (0 when negatives are off)."""
+    if cfg.augment.negatives.p <= 0:
+        return 0
+    always = cfg.augment.negatives.model_copy(update={"p": 1.0})
+    return sum(1 for r in train if r["caption"] and negative_captions(r["caption"], always, 0))
 
 
 def materialize(spec: DatasetSpec, out: Storage) -> dict[str, str]:

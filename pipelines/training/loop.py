@@ -23,9 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipelines.training.config import TrainConfig
-from pipelines.training.engine import DTYPES, Budget, cast_batch, initialize, load_rng, save_rng
-from pipelines.training.evaluation import collect, gather, summarize
+from pipelines.config.train import TrainConfig
+from pipelines.evaluation.collect import collect, gather
+from pipelines.evaluation.report import evaluation_metrics
+from pipelines.training.engine import DTYPES, Budget, cast_batch, initialize, load_rng, resolve_precision, save_rng
+
+PRINT_EVERY_S = 30.0  # a progress line on stdout at most this often (rank 0); MLflow gets every log_every
 
 
 @dataclass
@@ -72,21 +75,45 @@ def agreed_max(value: float, group) -> float:
     return float(tensor.item())
 
 
+def in_lockstep(batches, group):
+    """Stop every rank as soon as one runs out: DeepSpeed's collectives need equal step counts.
+    Ray Data's equal split is not enough on its own: on a train split of a dozen samples the
+    ranks' passes came out a batch apart, one rank started its next pass (a barrier) while the
+    other stepped (an all-reduce), and gloo aborted the process. `group`: a gloo control
+    group (None: one rank, nothing to agree on)."""
+    for batch in batches:
+        if group is not None and not agree(1.0, group):
+            return
+        yield batch
+    if group is not None:
+        agree(0.0, group)  # this rank ran out: tell the others, who are waiting at their next batch
+
+
+def agree(flag: float, group) -> bool:
+    tensor = torch.tensor([flag])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
+    return tensor.item() == 1.0
+
+
 def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int) -> Progress:
     budget = Budget()
+    control = control_group()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = resolve_precision(cfg, device, lambda flag: agreed_max(-float(flag), control) < 0)  # all ranks: yes
     engine, ds_config = initialize(model, cfg, world, budget if cfg.max_minutes else None)
     dtype = DTYPES[cfg.precision]
     if rank == 0:
         sink.log_config(ds_config)
+        print(f"train: precision {cfg.precision}", flush=True)
     progress = resume(engine, sink, rank)
     if rank == 0:  # where this session starts: 0, or the step of the checkpoint it resumed from
         sink.log({"resumed_from_step": progress.step}, progress.step)
     drill = cfg.fault.rank == rank and cfg.fault.step is not None and progress.step == 0
-    control = control_group()
     # On the engine's device: the objective draws masks and negatives where the batch is.
     generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1000 + rank + progress.step)
     window_start, window_samples = time.perf_counter(), 0
     session_start, before = time.perf_counter(), progress.train_seconds
+    last_printed = session_start
     last_saved = progress.step
 
     def elapsed() -> float:
@@ -94,6 +121,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
 
     while progress.step < cfg.max_steps:
         engine.train()
+        index = -1
         for index, batch in enumerate(data.train_epoch(progress.pass_start)):
             if index < progress.batch_in_pass:
                 continue  # resuming: this part of the pass was trained on before the checkpoint
@@ -125,6 +153,14 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
                     },
                     progress.step,
                 )
+                if now - last_printed >= PRINT_EVERY_S or progress.step == cfg.log_every:
+                    print(
+                        progress_line(
+                            cfg, progress.step, elapsed(), losses["loss.total"], window_samples / (now - window_start)
+                        ),
+                        flush=True,
+                    )
+                    last_printed = now
                 window_start, window_samples = now, 0
             if data.val and progress.step % cfg.val_every == 0:
                 validate(engine, data, dtype, sink, rank, progress)
@@ -135,8 +171,27 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
                 last_saved = progress.step
             if progress.step >= cfg.max_steps or out_of_time:
                 return finish(engine, data, dtype, sink, rank, progress, last_saved)
+        if index < 0:  # would loop over empty passes forever
+            raise ValueError(
+                f"a pass over the train stream gave no full micro-batch of {cfg.micro_batch} on rank "
+                f"{rank}: too few train samples per worker; lower train.micro_batch"
+            )
         progress.pass_start, progress.batch_in_pass = progress.data_epoch + 1, 0
     return finish(engine, data, dtype, sink, rank, progress, last_saved)
+
+
+def progress_line(cfg: TrainConfig, step: int, seconds: float, loss: float, samples_per_s: float) -> str:
+    """'train: step 120 of 100000 | 2.1 of 9.0 min | about 6.9 min left | loss 2.310 | 98 samples/s':
+    the budget that ends training first (steps or minutes) sets the time left."""
+    left = (cfg.max_steps - step) * seconds / max(step, 1)
+    budget = ""
+    if cfg.max_minutes:
+        left = min(left, cfg.max_minutes * 60 - seconds)
+        budget = f" | {seconds / 60:.1f} of {cfg.max_minutes:g} min"
+    return (
+        f"train: step {step} of {cfg.max_steps}{budget} | about {max(left, 0) / 60:.1f} min left | "
+        f"loss {loss:.3f} | {samples_per_s:.0f} samples/s"
+    )
 
 
 def finish(engine, data, dtype, sink, rank, progress: Progress, last_saved: int) -> Progress:
@@ -149,7 +204,8 @@ def finish(engine, data, dtype, sink, rank, progress: Progress, last_saved: int)
 
 def validate(engine, data: Data, dtype, sink: Sink, rank: int, progress: Progress) -> dict:
     engine.eval()
-    metrics = summarize(gather(collect(engine.module.model, data.val(), dtype)))
+    # The evaluate stage's scoring, on its cheap parts: no generation (see pipelines/evaluation).
+    metrics = evaluation_metrics(gather(collect(engine.module.model, data.val(), dtype=dtype)))
     engine.train()
     if rank == 0:
         sink.log({f"val.{k}": v for k, v in metrics.items()}, progress.step)

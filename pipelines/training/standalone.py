@@ -24,9 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 
+from model.io import SavedModel, save
+from model.multimodal import CrossModalModel
+from model.tokenizer import Tokenizer
 from pipelines import env
+from pipelines.config import ConfigError, load_section
+from pipelines.config.train import model_config_for
+from pipelines.data.collate import to_model_batch
 from pipelines.data.spec import DatasetSpec
+from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch
+from pipelines.data.wds_reader import as_row, read_tar
+from pipelines.storage import Storage
+from pipelines.training.engine import consolidate, import_deepspeed
+from pipelines.training.loop import Data, Sink, control_group, in_lockstep, train
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -65,8 +77,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield batch
 
     def epoch_batches(self, epoch: int):
-        from pipelines.data.wds_reader import as_row, read_tar
-        from pipelines.storage import Storage
 
         rows = []
         for uri in self.shards(epoch):
@@ -81,7 +91,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from self._process(rows, epoch)
 
     def _process(self, rows, epoch: int):
-        from pipelines.data.transforms import augment_batch, balance_batch, decode_batch, keep_usable, tensor_batch
 
         batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
         batch = keep_usable(decode_batch(batch, self.spec.settings))
@@ -129,23 +138,6 @@ class MicroBatches(torch.utils.data.IterableDataset):
         return rebatch(iter(self.stream), self.size, drop_last=self.stream.train)
 
 
-def in_lockstep(batches, group):
-    """Stop every rank as soon as one runs out: DeepSpeed's collectives need equal step counts.
-    `group`: the loop's gloo control group (None: one rank, nothing to agree on)."""
-    for batch in batches:
-        if group is not None and not agree(1.0, group):
-            return
-        yield batch
-    if group is not None:
-        agree(0.0, group)  # this rank ran out: tell the others, who are waiting at their next batch
-
-
-def agree(flag: float, group) -> bool:
-    tensor = torch.tensor([flag])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
-    return tensor.item() == 1.0
-
-
 def main(argv: list[str] | None = None) -> int:
     env.configure()
     parser = argparse.ArgumentParser(
@@ -160,11 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     args = parser.parse_args(argv)
 
-    from pipelines.configfile import ConfigError, load_section
-    from pipelines.training.config import TrainConfig
-
-    try:  # the train section alone: the other sections' configs import Ray and MLflow
-        cfg = load_section(args.config, args.overrides, "train", TrainConfig)
+    try:  # the train section alone: the prepared data (the spec) fixes the rest
+        cfg = load_section(args.config, args.overrides, "train")
         spec = read_spec(Path(args.spec))
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
@@ -175,9 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_spec(path: Path) -> DatasetSpec:
     """The prepare stage's dataset_spec.json; a missing or broken file is a one-line ConfigError."""
-    from pydantic import ValidationError
-
-    from pipelines.configfile import ConfigError
 
     try:
         return DatasetSpec(**json.loads(path.read_text(encoding="utf-8")))
@@ -192,13 +178,6 @@ def read_spec(path: Path) -> DatasetSpec:
 def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
     """Train, consolidate and save; returns the loop's progress. `log(metrics, step)` gets rank 0's
     metrics (None: printed)."""
-    from model.io import SavedModel, save
-    from model.multimodal import CrossModalModel
-    from model.tokenizer import Tokenizer
-    from pipelines.data.collate import to_model_batch
-    from pipelines.training.config import model_config_for
-    from pipelines.training.engine import consolidate, import_deepspeed
-    from pipelines.training.loop import Data, Sink, control_group, train
 
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -241,8 +220,11 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
     progress = train(model, cfg, data, sink, rank, world)
     dist.barrier()
     if rank == 0:
-        model.load_state_dict(consolidate(checkpoints, cfg.zero_stage))
-        save(SavedModel(model.float().eval(), tokenizer, spec.answers, {"steps": progress.step}), out / "model")
+        # A fresh model: the trained one's fp32 parameters are views into DeepSpeed's flat buffers,
+        # which safetensors refuses to save (it would write the whole buffer for each).
+        trained = CrossModalModel(model_cfg)
+        trained.load_state_dict(consolidate(checkpoints, cfg.zero_stage))
+        save(SavedModel(trained.eval(), tokenizer, spec.answers, {"steps": progress.step}), out / "model")
         print(
             f"standalone: {progress.step} steps, {progress.samples} samples in {progress.train_seconds:.1f} s; "
             f"model in {out / 'model'}",
@@ -261,18 +243,11 @@ def tracker_for(uri: str | None):
     if not uri:
         return None
     try:
-        from mlflow import MlflowClient
+        from pipelines.training.tracking import standalone_run
     except ImportError:
         print("standalone: MLflow is not installed here; metrics are printed only", flush=True)
         return None
-    from pipelines.training.ray_worker import MlflowSink
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("crossmodal-standalone") or client.get_experiment(
-        client.create_experiment("crossmodal-standalone")
-    )
-    run_id = client.create_run(experiment.experiment_id, run_name="standalone-train").info.run_id
-    return MlflowSink(uri, run_id).log
+    return standalone_run(uri).log
 
 
 if __name__ == "__main__":

@@ -1,8 +1,4 @@
-"""Reading a config: YAML plus `--set` overrides, validated by a pydantic model, every mistake one line.
-
-Apart from `pipelines.config` so that a part that needs one section (the standalone trainer
-reads `train`) validates it without importing every stage, and with them Ray and MLflow.
-"""
+"""Reading a config: YAML plus `--set` overrides, validated by a pydantic model, every mistake one line."""
 
 from __future__ import annotations
 
@@ -13,8 +9,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipelines.config.base import AgreementError
+from pipelines.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user mistake in a config file or override; the message is a single line."""
 
 
@@ -37,8 +36,12 @@ def validate_as(model: type[BaseModel], tree: Any, source: str, applied=(), pref
         raise ConfigError(" ; ".join(describe(e, source, applied, model, prefix) for e in err.errors())) from None
 
 
-def load_section(path: str | os.PathLike, overrides: list[str] | tuple[str, ...], section: str, model: type[BaseModel]):
-    """One top-level section of a pipeline config; overrides of other sections are errors."""
+def load_section(path: str | os.PathLike, overrides: list[str] | tuple[str, ...], section: str):
+    """One top-level section of a pipeline config (the standalone trainer reads `train`);
+    overrides of other sections are errors."""
+    from pipelines.config.pipeline import PipelineConfig
+
+    model = PipelineConfig.model_fields[section].annotation
     tree, applied = read_tree(path, overrides)
     for keys, text in applied:
         if keys[0] != section:
@@ -88,6 +91,18 @@ def read_yaml(path: Path) -> dict:
 
 
 def describe(error: dict, source: str, applied, root: type[BaseModel], prefix: tuple[str, ...] = ()) -> str:
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, AgreementError):  # two sections disagree: blame the override of either key
+        keys = [key.split(".") for key in cause.keys]
+        origin = next(
+            (
+                f"--set {text}"
+                for overridden, text in reversed(applied)
+                if any(overridden[: len(k)] == k or k[: len(overridden)] == overridden for k in keys)
+            ),
+            source,
+        )
+        return f"{origin}: {cause}"
     loc = [*prefix, *(str(part) for part in error["loc"])]
     dotted = ".".join(loc) or "(top level)"
     # An override is to blame when its key and the error's location overlap, either way round:

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
-
-from pipelines.configbase import Strict
+from pipelines.config.evaluate import SafetyConfig
 
 DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
 # Symbols read as letters only before a letter or digit ("b!tch", "$hit"), not as punctuation ("shit!").
@@ -76,28 +74,6 @@ SUBSTITUTIONS = str.maketrans(
 )
 ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 WORD_CHARS = re.compile(r"[^a-z]")
-
-
-class SafetyConfig(Strict):
-    enabled: bool = True
-    blocklist: list[str] = Field(default_factory=list, description="extra words or phrases to block")
-    blocklist_file: str | None = Field(None, description="one word or phrase per line; null: the shipped list")
-    rules: list[str] = Field(default_factory=list, description="regular expressions, matched on the lower-cased text")
-    classifier: str | None = Field(
-        None, pattern=r"^[\w.]+:\w+$", description="'module:function' returning a score in [0, 1] for a text"
-    )
-    threshold: float = Field(0.5, ge=0, le=1, description="classifier score at or above which a text is blocked")
-    replacement: str = Field("[withheld by the content filter]", min_length=1)
-
-    @field_validator("rules")
-    @classmethod
-    def _compiles(cls, rules: list[str]) -> list[str]:
-        for rule in rules:
-            try:
-                re.compile(rule)
-            except re.error as err:
-                raise ValueError(f"invalid regular expression {rule!r}: {err}") from None
-        return rules
 
 
 @dataclass(frozen=True)

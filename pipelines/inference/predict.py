@@ -21,13 +21,16 @@ def embed(model, batch: dict) -> dict[str, np.ndarray]:
     return {m: e.float().cpu().numpy() for m, e in model.embed(model.encode(batch)).items()}
 
 
-def context_inputs(model, batch: dict, context: tuple[str, ...]):
-    """(encoded, present) of the context modalities kept; a sample lacking all of them has no context."""
+def context_inputs(model, batch: dict, context: tuple[str, ...], encoded: dict | None = None):
+    """(encoded, present, has_context) of the context modalities kept; a sample lacking all of
+    them has no context. `encoded`: the batch's encoder outputs when already computed."""
     size = batch["weight"].shape[0]
     device = next(model.parameters()).device
-    wanted = {"image": ("image",), "audio": ("audio", "audio_mask")}
-    inputs = {k: batch[k] for m in context for k in wanted[m] if k in batch}
-    encoded = model.encode(inputs) if inputs else {}
+    if encoded is None:
+        wanted = {"image": ("image",), "audio": ("audio", "audio_mask")}
+        inputs = {k: batch[k] for m in context for k in wanted[m] if k in batch}
+        encoded = model.encode(inputs) if inputs else {}
+    encoded = {m: e for m, e in encoded.items() if m in context}
     present = {m: model.present(batch, m, size, device) for m in encoded}
     has_context = torch.stack(list(present.values())).any(dim=0) if present else torch.zeros(size, dtype=torch.bool)
     return encoded, present, has_context
@@ -47,16 +50,25 @@ def captions(
 
 
 @torch.no_grad()
+def answer_classes(
+    model, batch: dict, context: tuple[str, ...] = CONTEXT, classes: int | None = None, encoded: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer class per question, its probability, which samples had a question and some
+    context), choosing among the first `classes` answers (the head may have spare classes)."""
+    encoded, present, has_context = context_inputs(model, batch, context, encoded)
+    question = model.encode_text(batch["question_ids"], batch["question_mask"])
+    asked = batch["question_mask"][:, 0]  # a row without a question is all padding
+    fused = model.fuse(dict(encoded, text=question), dict(present, text=asked))
+    probs = model.answer_logits(fused).float().softmax(dim=-1)[:, :classes]
+    best = probs.argmax(dim=-1)
+    return best, probs.gather(1, best[:, None]).squeeze(1), asked & has_context.to(asked.device)
+
+
 def answers(
     model, answer_names: list[str], batch: dict, context: tuple[str, ...] = CONTEXT
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(answer per question, its probability, which samples had a question and some context)."""
-    encoded, present, has_context = context_inputs(model, batch, context)
-    question = model.encode_text(batch["question_ids"], batch["question_mask"])
-    asked = batch["question_mask"][:, 0]  # a row without a question is all padding
-    fused = model.fuse(dict(encoded, text=question), dict(present, text=asked))
-    probs = model.answer_logits(fused).float().softmax(dim=-1)
-    # Only the answers the model was trained with (the head may have spare classes).
-    probs = probs[:, : len(answer_names)]
-    best = probs.argmax(dim=-1)
-    return [answer_names[i] for i in best.tolist()], probs.gather(1, best[:, None]).squeeze(1), asked & has_context
+    if not answer_names:
+        raise ValueError("the model has no answer vocabulary (it was trained on data without questions)")
+    best, probs, asked = answer_classes(model, batch, context, len(answer_names))
+    return [answer_names[i] for i in best.tolist()], probs, asked

@@ -15,11 +15,12 @@ import re
 from pathlib import Path
 
 from model.io import SavedModel, load
+from pipelines.errors import UserError
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(UserError):
     """The MODEL argument names nothing loadable; the message is one line."""
 
 

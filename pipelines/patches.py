@@ -1,0 +1,202 @@
+"""Every change this project makes to a library's own behaviour, each guarded by the library
+versions it was written and tested for.
+
+On a version outside that range a patch is not applied: the library keeps its own behaviour
+and a warning says what is lost (a slower step, a busier core), never a silent no-op. Each
+patch's test runs it against the real library object it replaces (tests/pipelines/test_patches.py).
+
+- DeepSpeed `build_shm_op`: the shared-memory all-reduce op DeepSpeed JIT-compiles on its first
+  `init_distributed` (20-26 s a worker start on CPU, used only for inference): skipped.
+- DeepSpeed ZeRO-1/2 `unscale_and_clip_grads`: the same clipping rule without its device sync
+  (it asks the host whether the norm is finite every step, which stalls a GPU step).
+- Ray Data's streaming executor spins while back-pressured; `IdleBackoff` (an execution
+  callback that reads the executor's private `_topology`) sleeps after a step in which nothing
+  moved.
+- nlpaug imports `transformers` (5-9 s on a 2-core machine, in every Ray Data worker process)
+  for model-based augmenters this project never builds: `import_nlpaug` imports it with
+  `transformers` hidden for the duration.
+- Ray Train's PlacementGroupCleaner: its monitor thread dies with a bare RpcError traceback
+  when the GCS answers slowly (a busy 2-core machine); every Ray worker process (through
+  `worker_setup`, Ray's worker_process_setup_hook) says so on one line instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.specifiers import SpecifierSet
+
+try:  # private in Ray 2.60; absent where the standalone trainer runs without Ray
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+except ImportError:
+    ExecutionCallback = None
+
+DEEPSPEED_VERSIONS = SpecifierSet(">=0.19.8,<0.20")
+RAY_VERSIONS = SpecifierSet(">=2.60,<2.61")
+NLPAUG_VERSIONS = SpecifierSet(">=1.1.11,<1.2")
+IDLE_SLEEP_S = 0.05
+# The library's own objects each patch replaced, by dotted name (the tests compare against them).
+REPLACED: dict[str, object] = {}
+
+
+class PatchSkipped(UserWarning):
+    """A library version the patch was not written for: its own behaviour is kept."""
+
+
+def supported(library: str, versions: SpecifierSet, what: str) -> bool:
+    """Whether the installed `library` is one `versions` admits; warns (once per call site) if not."""
+    try:
+        installed = version(library)
+    except PackageNotFoundError:
+        return False
+    if installed in versions:
+        return True
+    warnings.warn(
+        f"{library} {installed} is not {versions}, which this project's patch was written for: {what}",
+        PatchSkipped,
+        stacklevel=3,
+    )
+    return False
+
+
+# -- DeepSpeed ----------------------------------------------------------------------------------
+def patch_deepspeed() -> bool:
+    """Apply the DeepSpeed patches (idempotent); False when the version is not one they fit."""
+    if not supported(
+        "deepspeed",
+        DEEPSPEED_VERSIONS,
+        "DeepSpeed's shm op is JIT-built on the first init (20-26 s) and ZeRO-1/2 clipping syncs the device every step",
+    ):
+        return False
+    import deepspeed.comm.torch  # noqa: F401 - the module object comes from sys.modules: the name shadows torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    comm = sys.modules["deepspeed.comm.torch"]
+    REPLACED.setdefault("deepspeed.comm.torch.build_shm_op", comm.build_shm_op)
+    REPLACED.setdefault("DeepSpeedZeroOptimizer.unscale_and_clip_grads", DeepSpeedZeroOptimizer.unscale_and_clip_grads)
+    comm.build_shm_op = skip_shm_op
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    return True
+
+
+def skip_shm_op():
+    """In place of `deepspeed.comm.torch.build_shm_op`: no op, so no JIT build."""
+    return None
+
+
+def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
+    """DeepSpeed ZeRO-1/2's clip, without its device sync (`bool(tensor)` on the norm every step).
+    The same rule as tensor arithmetic: a non-finite or negative (invalid) norm clips to zero."""
+    import torch
+
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        total_norm = torch.as_tensor(total_norm, dtype=torch.float32)
+        valid = torch.isfinite(total_norm) & (total_norm >= 0)
+        clip_norm = torch.where(valid, total_norm, torch.full_like(total_norm, float("inf")))
+        combined_scale = torch.clamp(((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
+
+
+# -- Ray Data -----------------------------------------------------------------------------------
+class IdleBackoff(ExecutionCallback or object):
+    """Sleeps IDLE_SLEEP_S after a scheduling step in which nothing moved (no task submitted or
+    finished, no output taken). Ray Data 2.60's loop blocks in `ray.wait(timeout=0.1)` only
+    until its running tasks are done; when the consumer (a train worker) is the slower side,
+    finished outputs wait behind back-pressure, `ray.wait` returns at once and the loop spins:
+    the SplitCoordinator feeding Ray Train took 45-95% of a core of a 2-core machine. A block
+    the consumer asks for is still served at once (another thread reads the output queue);
+    only the dispatch of new work waits."""
+
+    def __init__(self):
+        self.last = None
+        self.blind = False
+
+    def on_execution_step(self, executor) -> None:
+        if self.blind:
+            return
+        try:
+            now = tuple(
+                (m.num_tasks_submitted, m.num_tasks_finished, m.num_outputs_taken)
+                for m in (op.metrics for op in executor._topology)
+            )
+        except AttributeError as err:  # the version check passed, yet the executor changed shape
+            self.blind = True
+            warnings.warn(
+                f"Ray Data's executor no longer exposes its operators' progress ({err}): the idle "
+                "back-off is off and the executor may spin while back-pressured",
+                PatchSkipped,
+                stacklevel=2,
+            )
+            return
+        if now == self.last:
+            time.sleep(IDLE_SLEEP_S)
+        self.last = now
+
+
+def install_idle_backoff(ctx) -> bool:
+    """Register IdleBackoff on a Ray DataContext (it travels with datasets built under it)."""
+    lost = "the idle back-off is off; Ray Data's executor may spin while back-pressured"
+    if not supported("ray", RAY_VERSIONS, lost):
+        return False
+    if ExecutionCallback is None:
+        warnings.warn(
+            f"Ray Data's ExecutionCallback is not where Ray 2.60 keeps it: {lost}", PatchSkipped, stacklevel=2
+        )
+        return False
+    if IdleBackoff not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(IdleBackoff)
+    return True
+
+
+# -- Ray worker processes -------------------------------------------------------------------
+QUIET_THREADS = {"PlacementGroupCleanerMonitor": "Ray Train's placement-group cleaner stopped monitoring"}
+
+
+def worker_setup() -> None:
+    """Ray's worker_process_setup_hook (set by pipelines.runner.connect_ray): runs first in
+    every worker process of the cluster the pipeline starts or joins."""
+    if not supported("ray", RAY_VERSIONS, "Ray Train's cleaner thread may print a bare RpcError traceback"):
+        return
+    previous = threading.excepthook
+
+    def excepthook(args) -> None:
+        what = QUIET_THREADS.get(getattr(args.thread, "name", ""))
+        if what is None:
+            previous(args)
+            return
+        # The cleaner only removes a dead controller's placement group; training goes on.
+        first = str(args.exc_value).strip().splitlines()
+        logging.getLogger("crossmodal").warning(
+            "%s (%s: %s); training goes on", what, args.exc_type.__name__, first[0] if first else ""
+        )
+
+    threading.excepthook = excepthook
+
+
+# -- nlpaug ---------------------------------------------------------------------------------------
+def import_nlpaug(module: str):
+    """`module` of nlpaug (e.g. "nlpaug.augmenter.word"), imported without `transformers`: its
+    language-model modules try `from transformers import ...` at import time and go without it
+    on ImportError; the rule-based augmenters used here never need it. `transformers` imports
+    as usual afterwards (peft needs it)."""
+    import importlib
+
+    if "transformers" in sys.modules or not supported(
+        "nlpaug", NLPAUG_VERSIONS, "importing it also imports transformers (5-9 s per worker process)"
+    ):
+        return importlib.import_module(module)
+    sys.modules["transformers"] = None  # an import of it raises ImportError while this is in place
+    try:
+        return importlib.import_module(module)
+    finally:
+        del sys.modules["transformers"]
