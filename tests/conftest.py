@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,15 @@ import pytest
 from pipelines import env
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO.parent / "shared" / "fixtures"
+# Real files written by other projects; this workplace keeps them beside the repository.
+FIXTURES = Path(os.environ.get("CROSSMODAL_FIXTURES", REPO.parent / "shared" / "fixtures"))
 DEMO_CONFIG = REPO / "pipelines" / "configs" / "demo.yaml"
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +39,7 @@ def ray_cluster():
             num_cpus=4,
             object_store_memory=512 * 1024 * 1024,
             include_dashboard=False,
-            runtime_env={"env_vars": env.project_env()},
+            runtime_env={"env_vars": env.project_env(), "worker_process_setup_hook": "pipelines.patches.worker_setup"},
             logging_level=logging.WARNING,
         )
     yield ray

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from pipelines.config import load_config
@@ -14,6 +15,7 @@ from tests.conftest import DEMO_CONFIG, REPO, free_port, small_overrides, start_
 from tests.pipelines import toy_stages
 
 
+@pytest.mark.spawn
 def test_pipeline_against_a_real_tracking_server(tmp_path, ray_cluster):
     port = free_port()
     env = os.environ | {

@@ -39,6 +39,8 @@ def test_config_mistake_fails_before_submitting(capsys):
     assert "shard.splits: input should be a valid dictionary" in capsys.readouterr().err
 
 
+@pytest.mark.spawn
+@pytest.mark.ray
 def test_submit_and_wait_runs_the_pipeline_on_the_cluster(tmp_path, capsys):
     dashboard = free_port()
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import soundfile as sf
@@ -67,3 +68,28 @@ def batch_of(world: DemoWorld, indices, tokenizer: Tokenizer, cfg: ModelConfig) 
     batch["audio_mask"] = torch.ones_like(batch["audio"], dtype=torch.bool)
     batch["weight"] = torch.ones(len(records))
     return batch
+
+
+def memorise(model, batch: dict, objective, steps: int = 300) -> tuple[dict, dict]:
+    """Train `model` on one batch (AdamW, 30 warm-up steps); (first step's, last step's) loss parts.
+    On every core: the project's environment gives each process one thread (for Ray's workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return train_steps(model, batch, objective, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_steps(model, batch: dict, objective, steps: int) -> tuple[dict, dict]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))
+    first = parts = None
+    for _ in range(steps):
+        loss, parts = objective(model, batch)
+        first = first or parts
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        warmup.step()
+    return first, parts

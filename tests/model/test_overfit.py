@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.config import model_config
 from model.multimodal import CrossModalModel
 from model.objectives import LossWeights, MultiTaskObjective
-from tests.model.demo_data import batch_of, world_for
+from tests.model.demo_data import batch_of, memorise, world_for
 
 STEPS = 300
 
 
+@pytest.mark.slow
 def test_tiny_model_memorises_32_samples(tokenizer):
     cfg = model_config("tiny", vocab_size=tokenizer.vocab_size)
     world = world_for(cfg, seed=7, missing_image=0.0, missing_audio=0.0)
@@ -22,16 +24,7 @@ def test_tiny_model_memorises_32_samples(tokenizer):
     objective = MultiTaskObjective(
         LossWeights(matching=0, masked_text=0, masked_image=0, masked_audio=0, answer=0, vqa=0)
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))
-    first = None
-    for _ in range(STEPS):
-        loss, parts = objective(model, batch)
-        first = first or parts
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        warmup.step()
+    first, parts = memorise(model, batch, objective, STEPS)
     assert parts["total"] < 0.1 * first["total"]
 
     model.eval()

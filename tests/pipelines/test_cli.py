@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import DEMO_CONFIG, small_overrides
@@ -19,6 +20,8 @@ def with_overrides(tmp_path, *extra):
     return [arg for o in small_overrides(tmp_path) + list(extra) for arg in ("--set", o)]
 
 
+@pytest.mark.spawn
+@pytest.mark.ray
 def test_run_ingest_shard_then_rerun_reuses_both(tmp_path):
     first = crossmodal("run", str(DEMO_CONFIG), "--only", "ingest,shard", *with_overrides(tmp_path), tmp_path=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -54,6 +57,8 @@ def test_run_ingest_shard_then_rerun_reuses_both(tmp_path):
     )
 
 
+@pytest.mark.spawn
+@pytest.mark.ray
 def test_failing_stage_exits_nonzero_with_one_line(tmp_path):
     result = crossmodal(
         "run",
@@ -68,6 +73,7 @@ def test_failing_stage_exits_nonzero_with_one_line(tmp_path):
     assert "FAILED: ingest failed, shard skipped" in result.stdout
 
 
+@pytest.mark.spawn
 def test_config_mistake_exits_2_before_anything_runs(tmp_path):
     result = crossmodal("run", str(DEMO_CONFIG), "--set", "shard.samples_per_shard=zero", tmp_path=tmp_path)
     assert result.returncode == 2

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import load_config
-from pipelines.dag import PlanError, Stage, StageResult, ancestors, descendants, identity, order, select
+from pipelines.dag import (
+    PlanError,
+    Stage,
+    StageResult,
+    ancestors,
+    code_digest,
+    descendants,
+    identity,
+    import_closure,
+    order,
+    select,
+)
 from pipelines.stages import STAGES
 from tests.conftest import DEMO_CONFIG
 
@@ -87,6 +98,41 @@ def test_identity_follows_config_inputs_code_and_storage():
     other = load_config(DEMO_CONFIG, ["ingest.demo.seed=5"])
     assert identity(shard, other.shard, {"ingest": "i1"}, "file:///r") == base
     assert identity(ingest, other.ingest, {}, "file:///r") != identity(ingest, cfg.ingest, {}, "file:///r")
+
+
+def test_a_stages_code_is_every_project_module_it_imports_directly_or_not(tmp_path):
+    """A stage module imports a helper inside a function, the helper a deep module, relatively:
+    a change to the deep module changes the code version, a change elsewhere does not."""
+    package = tmp_path / "pipelines"
+    (package / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "stage.py": "import os\n\ndef run(cfg, ctx):\n    from pipelines.sub import helper\n    return helper.go()\n",
+        "sub/__init__.py": "",
+        "sub/helper.py": "from . import deep\nfrom model import tokenizer  # not in this tree: ignored\ngo = deep.go\n",
+        "sub/deep.py": "def go():\n    return 1\n",
+        "unrelated.py": "X = 1\n",
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    closure = import_closure("pipelines.stage", tmp_path)
+    assert closure == ["pipelines.stage", "pipelines.sub.deep", "pipelines.sub.helper"]
+    before = code_digest(closure, tmp_path)
+    (package / "unrelated.py").write_text("X = 2\n")
+    assert code_digest(import_closure("pipelines.stage", tmp_path), tmp_path) == before
+    (package / "sub" / "deep.py").write_text("def go():\n    return 2\n")
+    assert code_digest(import_closure("pipelines.stage", tmp_path), tmp_path) != before
+
+
+def test_the_registered_stages_follow_what_they_really_import():
+    closures = {stage.name: import_closure(stage.run.__module__) for stage in STAGES}
+    assert {"model.io", "model.multimodal", "pipelines.training.loop", "pipelines.evaluation.collect"} <= set(
+        closures["train"]
+    )
+    assert {"pipelines.inference.predict", "pipelines.inference.resolve", "model.io"} <= set(closures["evaluate"])
+    assert {"pipelines.data.demo_world", "pipelines.data.wds_reader"} <= set(closures["ingest"])
+    assert not any(m.startswith(("model.", "pipelines.training")) for m in closures["ingest"])
+    assert "pipelines.config.train" not in closures["ingest"]  # another section's schema is not its code
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from pipelines.runner import run_pipeline
@@ -110,6 +111,7 @@ def test_only_needs_finished_inputs(demo_config, ray_cluster):
     assert "stage 'first' has no finished run" in outcome.failure.error
 
 
+@pytest.mark.spawn
 def test_driver_killed_mid_stage_then_rerun_keeps_finished_stages(demo_config, ray_cluster, tmp_path):
     storage = Storage(demo_config.storage.root)
     storage.write_bytes(b"", "block-second")

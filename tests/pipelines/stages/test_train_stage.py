@@ -25,7 +25,10 @@ TINY = [
     "train.model.overrides={}",
     "train.workers=2",
     "train.zero_stage=2",
-    "train.precision=bf16",
+    # fp32: on a CPU without native bf16 (no AVX512-BF16) a bf16 step is ~10x slower (measured
+    # on one machine of this kind: `small` ZeRO-2, 1.56 s fp32 against 15.3 s bf16). bf16 on
+    # DeepSpeed is covered by tests/pipelines/training/test_loop_resume.py and test_engine.py.
+    "train.precision=fp32",
     "train.micro_batch=16",
     "train.lr=3e-3",
     "train.warmup_steps=5",
@@ -84,30 +87,33 @@ def stage_runs(client, outcome, name: str):
     return [r for r in runs if r.info.run_name == name]
 
 
-def test_zero2_bf16_learns_and_logs_one_stage_run(demo_root):
-    outcome, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20")
+def test_zero2_learns_and_logs_one_stage_run(demo_root):
+    outcome, client = run(demo_root, "train.max_steps=20", "train.checkpoint_every=10")
     [train_run] = stage_runs(client, outcome, "train")  # one run, written by rank 0 only
     run_id = train_run.info.run_id
     assert train_run.info.run_id == outcome.by_name()["train"].run_id
 
     losses = history(client, run_id, "loss.total")
-    assert [step for step, _ in losses] == list(range(1, 41))  # one point per optimizer step, no duplicates
+    assert [step for step, _ in losses] == list(range(1, 21))  # one point per optimizer step, no duplicates
     first, last = sum(v for _, v in losses[:5]) / 5, sum(v for _, v in losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     for task in ("contrastive", "matching", "masked_text", "caption", "vqa"):
-        assert len(client.get_metric_history(run_id, f"loss.{task}")) == 40
-    assert [step for step, _ in history(client, run_id, "val.text_to_image.r1")] == [10, 20, 30, 40]
+        assert len(client.get_metric_history(run_id, f"loss.{task}")) == 20
+    # Validation scores with the evaluate stage's code (pipelines/evaluation), its cheap parts.
+    assert [step for step, _ in history(client, run_id, "val.retrieval.text_to_image.r1")] == [10, 20]
+    assert 0 <= history(client, run_id, "val.vqa.image_audio.exact")[-1][1] <= 1
+    assert history(client, run_id, "val.caption.loss")[-1][1] > 0
     assert all(v > 0 for _, v in history(client, run_id, "samples_per_s"))
     assert history(client, run_id, "lr")[0][1] < history(client, run_id, "lr")[4][1]  # warm-up
     epochs = [value for _, value in history(client, run_id, "epoch")]  # demo.yaml: 8 epochs in one stream pass
     assert epochs == sorted(epochs) and epochs[0] == 0 and epochs[-1] >= 1, epochs
 
     ds_config = json.load(open(client.download_artifacts(run_id, "deepspeed_config.json")))
-    assert ds_config["zero_optimization"]["stage"] == 2 and ds_config["bf16"]["enabled"]
+    assert ds_config["zero_optimization"]["stage"] == 2 and not ds_config["bf16"]["enabled"]
     assert ds_config["train_batch_size"] == 32  # 16 per worker x 2 workers
 
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["test.text_to_image.candidates"] >= 40 and 0 <= metrics["test.vqa_accuracy"] <= 1
+    assert metrics["steps"] == 20 and not [k for k in metrics if k.startswith("test.")]  # the test split is evaluate's
     folder = client.download_artifacts(run_id, "model")
     saved = load(folder)
     assert saved.model.cfg.size == "tiny"
@@ -115,7 +121,7 @@ def test_zero2_bf16_learns_and_logs_one_stage_run(demo_root):
 
 
 def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_root):
-    outcome, client = run(demo_root, "train.max_steps=40", "train.checkpoint_every=20")  # train reused
+    outcome, client = run(demo_root, "train.max_steps=20", "train.checkpoint_every=10")  # train reused
     [evaluate_run] = stage_runs(client, outcome, "evaluate")
     metrics = evaluate_run.data.metrics
     directions = [f"{a}_to_{b}" for a in ("text", "image", "audio") for b in ("text", "image", "audio") if a != b]
@@ -153,8 +159,8 @@ def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_roo
     model = outcome.by_name()["train"].output_uri + "/model"
     again, client = run(
         demo_root,
-        "train.max_steps=40",
-        "train.checkpoint_every=20",
+        "train.max_steps=20",
+        "train.checkpoint_every=10",
         f"evaluate.model={model}",
         "evaluate.safety.rules=['[a-z]']",
     )
@@ -170,15 +176,15 @@ def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_roo
 def test_a_rerun_of_the_pipeline_continues_from_the_latest_checkpoint(demo_root):
     """What a driver that died mid-training leaves: no finished train stage, but the same train
     identity, so the same Ray Train run name, whose checkpoints Ray restores. Made here from the
-    first test's run (ended at step 40) by deleting that stage's output: the re-run starts at 40
+    first test's run (ended at step 20) by deleting that stage's output: the re-run starts at 20
     and trains no step again. A forced re-run starts over instead."""
-    extra = ("train.max_steps=40", "train.checkpoint_every=20")
+    extra = ("train.max_steps=20", "train.checkpoint_every=10")
     reused, _ = run(demo_root, *extra, only=["train"])
     previous = Storage(reused.by_name()["train"].output_uri)
     previous.fs.delete_dir(previous.path())
     outcome, client = run(demo_root, *extra, only=["train"])
     run_id = outcome.by_name()["train"].run_id
-    assert [value for _, value in history(client, run_id, "resumed_from_step")] == [40]
+    assert [value for _, value in history(client, run_id, "resumed_from_step")] == [20]
     assert history(client, run_id, "loss.total") == []
     saved = load(client.download_artifacts(run_id, "model"))
     assert all(torch.isfinite(p).all() for p in saved.model.parameters())
@@ -186,7 +192,7 @@ def test_a_rerun_of_the_pipeline_continues_from_the_latest_checkpoint(demo_root)
     forced, client = run(demo_root, *extra, only=["train"], force=True)
     run_id = forced.by_name()["train"].run_id
     assert [value for _, value in history(client, run_id, "resumed_from_step")] == [0]
-    assert [step for step, _ in history(client, run_id, "loss.total")][0] <= 20
+    assert [step for step, _ in history(client, run_id, "loss.total")][0] <= 10
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
@@ -217,6 +223,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(demo_root):
     assert all(torch.isfinite(p).all() for p in saved.model.parameters())
 
 
+@pytest.mark.spawn
 def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
     """No Ray, no MLflow, no webdataset installed (a GPU machine's image): torchrun starts 2
     processes that read the prepared shards themselves."""
@@ -256,7 +263,7 @@ def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logged = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert any(line.startswith("step 6:") and "loss.total" in line for line in logged), done.stdout[-2000:]
-    assert "val.text_to_image.r1" in done.stdout
+    assert "val.retrieval.text_to_image.r1" in done.stdout
     assert (tmp_path / "out" / "checkpoints" / "step6").is_dir()
     saved = load(tmp_path / "out" / "model")
     assert saved.extra["steps"] == 6

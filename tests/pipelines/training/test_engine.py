@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipelines.training.config import TrainConfig
-from pipelines.training.engine import DTYPES, deepspeed_config, unscale_and_clip_grads
+from pipelines.config.train import TrainConfig
+from pipelines.training.engine import DTYPES, deepspeed_config
+from tests.conftest import free_port
 
 
 def test_the_generated_config_never_syncs_the_device_on_its_own():
@@ -39,24 +38,6 @@ def test_deepspeed_overrides_merge_key_by_key():
     assert ds["zero_optimization"]["reduce_bucket_size"] == 5e8
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["contiguous_gradients"] is True
     assert ds["timers"]["throughput"]["enabled"] is True
-
-
-@pytest.mark.parametrize(
-    "norm, scale", [(10.0, 0.1), (0.5, 1.0), (float("inf"), 0.0), (float("nan"), 0.0), (-1.0, 0.0)]
-)
-def test_sync_free_clip_follows_deepspeeds_rule(norm, scale):
-    # DeepSpeed's rule: clip to clip_grad when the norm is over it; an invalid norm (non-finite,
-    # or its -1 sentinel) scales the gradients to zero.
-    grads = [torch.full((4,), 2.0), [torch.full((3,), -1.0)]]
-    unscale_and_clip_grads(SimpleNamespace(clip_grad=1.0, loss_scale=1.0), grads, torch.tensor(norm))
-    assert torch.allclose(grads[0], torch.full((4,), 2.0 * scale), rtol=1e-5)
-    assert torch.allclose(grads[1][0], torch.full((3,), -1.0 * scale), rtol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, out: str, port: int) -> None:
@@ -90,6 +71,7 @@ def worker(rank: int, out: str, port: int) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+@pytest.mark.spawn
 def test_zero2_parameters_start_aligned_and_bf16_mixed_learns(tmp_path):
     out = tmp_path / "result.json"
     mp.spawn(worker, args=(str(out), free_port()), nprocs=1, join=True)
@@ -99,3 +81,14 @@ def test_zero2_parameters_start_aligned_and_bf16_mixed_learns(tmp_path):
     assert result["odd_sized"] > 0 and result["misaligned"] == []
     assert result["weight_dtypes"] == ["torch.float32"]
     assert all(map(lambda v: v == v, result["losses"])) and result["losses"][-1] < 0.9 * result["losses"][0]
+
+
+def test_auto_precision_takes_bf16_only_where_it_is_faster_and_all_ranks_agree():
+    from pipelines.training.engine import bf16_is_faster, resolve_precision
+
+    cpu = torch.device("cpu")
+    auto = TrainConfig(precision="auto")
+    assert resolve_precision(auto, cpu).precision == ("bf16" if bf16_is_faster(cpu) else "fp32")
+    assert resolve_precision(auto, cpu, agree=lambda mine: False).precision == "fp32"  # another rank said no
+    assert resolve_precision(TrainConfig(precision="bf16"), cpu, agree=lambda mine: False).precision == "bf16"
+    assert "auto" not in DTYPES  # never reaches the engine unresolved

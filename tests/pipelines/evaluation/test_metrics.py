@@ -31,6 +31,13 @@ def test_ranks_and_recall_from_a_known_similarity_matrix():
     assert recall_curve(ranks, 3).tolist() == pytest.approx([1 / 3, 1.0, 1.0])
 
 
+def test_ties_count_against_the_query():
+    collapsed = torch.ones(4, 4)  # every candidate scores the same: nothing was retrieved
+    assert retrieval_ranks(collapsed, torch.arange(4)).tolist() == [3, 3, 3, 3]
+    sims = torch.tensor([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9]])
+    assert retrieval_ranks(sims, torch.tensor([0, 1])).tolist() == [1, 1]
+
+
 def test_only_samples_with_both_modalities_query_and_every_target_is_a_candidate():
     text = torch.eye(4)
     image = torch.eye(4)[[0, 1, 3, 2]]  # samples 2 and 3 swapped their images
@@ -38,7 +45,7 @@ def test_only_samples_with_both_modalities_query_and_every_target_is_a_candidate
     has_image = torch.tensor([True, True, True, True])
     ranks, candidates = direction_ranks(text, image, has_text, has_image)
     assert candidates == 4 and len(ranks) == 3
-    assert ranks.tolist() == [0, 0, 1]  # sample 2's text points at sample 3's image
+    assert ranks.tolist() == [0, 0, 3]  # sample 2's text points at sample 3's image; the rest tie at 0
 
 
 @pytest.mark.parametrize(

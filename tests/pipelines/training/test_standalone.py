@@ -87,6 +87,7 @@ def test_rebatch_cuts_chunks_of_any_length_into_exact_batches_in_order(drop_last
     assert all(b["image"].untyped_storage().nbytes() == b["image"].numel() for b in batches)
 
 
+@pytest.mark.spawn
 def test_loader_workers_hand_over_the_micro_batches_the_stream_would_give_in_process():
     from pipelines.training.standalone import MicroBatches
 
@@ -112,8 +113,7 @@ def agree_worker(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from pipelines.training.loop import agreed_max, control_group
-    from pipelines.training.standalone import in_lockstep
+    from pipelines.training.loop import agreed_max, control_group, in_lockstep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -125,6 +125,7 @@ def agree_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.spawn
 def test_ranks_agree_on_the_clock_and_stop_together_on_a_cpu_control_group(tmp_path):
     import json
 

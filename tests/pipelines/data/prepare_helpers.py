@@ -11,7 +11,7 @@ import soundfile as sf
 from PIL import Image
 
 from model.tokenizer import Tokenizer
-from pipelines.data.augment import AugmentConfig
+from pipelines.config.prepare import AugmentConfig
 from pipelines.data.dataset import DatasetSpec
 from pipelines.data.decode import DecodeSettings
 

@@ -36,7 +36,7 @@ def test_demo_values_and_defaults():
     assert (cfg.train.workers, cfg.train.zero_stage, cfg.train.precision, cfg.train.model.size) == (
         2,
         2,
-        "bf16",
+        "auto",
         "small",
     )
     assert cfg.ray.local_num_cpus == 4
@@ -138,16 +138,103 @@ def test_section_rule_broken_by_an_override_names_the_override():
 
 
 def test_one_section_loads_alone_and_its_errors_name_the_full_key(tmp_path):
-    from pipelines.configfile import load_section
-    from pipelines.training.config import TrainConfig
+    from pipelines.config import load_section
 
-    train = load_section(DEMO_CONFIG, ["train.micro_batch=8"], "train", TrainConfig)
+    train = load_section(DEMO_CONFIG, ["train.micro_batch=8"], "train")
     assert (train.micro_batch, train.zero_stage) == (8, load_config(DEMO_CONFIG).train.zero_stage)
     path = write(tmp_path, "name: x\ntrain:\n  micro_bach: 8\n")
     with pytest.raises(ConfigError) as caught:
-        load_section(path, [], "train", TrainConfig)
+        load_section(path, [], "train")
     assert str(caught.value).startswith(f"{path}: train.micro_bach: unknown key (allowed here: ")
     with pytest.raises(ConfigError, match=r"^--set train.zero_stage=5: train.zero_stage: input should be less"):
-        load_section(DEMO_CONFIG, ["train.zero_stage=5"], "train", TrainConfig)
+        load_section(DEMO_CONFIG, ["train.zero_stage=5"], "train")
     with pytest.raises(ConfigError, match=r"^--set shard.samples_per_shard=3: only train\.\* keys apply here$"):
-        load_section(DEMO_CONFIG, ["shard.samples_per_shard=3"], "train", TrainConfig)
+        load_section(DEMO_CONFIG, ["shard.samples_per_shard=3"], "train")
+
+
+def test_loading_a_config_imports_no_ray_torch_webdataset_or_mlflow():
+    import subprocess
+    import sys
+
+    heavy = ("ray", "torch", "webdataset", "mlflow", "deepspeed", "albumentations", "nlpaug", "pyarrow", "numpy")
+    code = (
+        "import sys; from pipelines.config import load_config; "
+        f"load_config({str(DEMO_CONFIG)!r}); load_config({str(REPO / 'pipelines/configs/nightly.yaml')!r}); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_demo_world_draws_at_the_sizes_prepare_decodes_to():
+    cfg = load_config(DEMO_CONFIG, ["prepare.image_size=64", "prepare.max_audio_seconds=2.5"])
+    assert (cfg.ingest.demo.image_size, cfg.ingest.demo.sample_rate, cfg.ingest.demo.audio_seconds) == (64, 16000, 2.5)
+    assert cfg.prepare.max_member_mb == cfg.ingest.max_member_mb == 64.0
+    same = load_config(DEMO_CONFIG, ["ingest.demo.image_size=96"])  # the same value may be written out
+    assert same.ingest.demo.image_size == 96
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["ingest.demo.image_size=64"],
+            "--set ingest.demo.image_size=64: ingest.demo.image_size is 64 but prepare.image_size is 96: they must "
+            "agree (leave ingest.demo.image_size out: it follows prepare.image_size)",
+        ),
+        (
+            ["ingest.max_member_mb=8", "prepare.max_member_mb=16"],
+            "--set prepare.max_member_mb=16: prepare.max_member_mb is 16.0 but ingest.max_member_mb is 8.0",
+        ),
+        (
+            ["prepare.image_size=100"],
+            "--set prepare.image_size=100: train.model does not fit the prepared data: image_size 100 is not a "
+            "multiple of patch_size 32",
+        ),
+        (["train.model.overrides={patch_sise: 8}"], "train.model.overrides: unknown model field 'patch_sise' (allowed"),
+        (["train.model.overrides={vocab_size: 8}"], "'vocab_size' follows the prepared data (the prepare section)"),
+    ],
+)
+def test_sections_that_must_agree_fail_on_one_line_naming_both(overrides, message):
+    assert message in error_of(DEMO_CONFIG, overrides)
+
+
+def test_train_losses_are_the_model_librarys_loss_weights():
+    from model.config import LossWeights
+
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.train.losses.weights() == LossWeights(**cfg.train.losses.model_dump())
+    assert set(cfg.train.losses.model_dump()) == set(LossWeights().to_dict())
+    default = load_config(DEMO_CONFIG, ["train.losses={}"]).train.losses.weights()
+    assert default == LossWeights()  # the defaults are the library's
+    assert "train.losses.hard_negative_weight: input should be greater than or equal to 1" in error_of(
+        DEMO_CONFIG, ["train.losses.hard_negative_weight=0.5"]
+    )
+
+
+@pytest.mark.slow
+def test_nightly_builds_the_base_model_for_224_pixel_images_and_10_s_audio():
+    from model.multimodal import CrossModalModel, parameter_counts
+    from pipelines.config.train import chosen_model
+
+    cfg = load_config(REPO / "pipelines" / "configs" / "nightly.yaml")
+    prepare = cfg.prepare
+    assert (prepare.image_size, prepare.max_audio_seconds, prepare.sample_rate) == (224, 10.0, 16000)
+    assert (prepare.vocab_size, prepare.max_text_len, prepare.max_answers) == (32000, 77, 3129)
+    assert prepare.augment.text.p_synonym == 0.0  # the shipped synonym table is the demo world's
+    model = chosen_model(
+        cfg.train,
+        vocab_size=prepare.vocab_size,
+        num_answers=prepare.max_answers,
+        max_text_len=prepare.max_text_len,
+        image_size=prepare.image_size,
+        sample_rate=prepare.sample_rate,
+        audio_seconds=prepare.max_audio_seconds,
+    )
+    assert (model.size, model.image_encoder, model.patch_size, model.image_patches) == ("base", "vit", 16, 196)
+    assert model.audio_samples == 160_000 and model.n_mels == 128
+    assert 400e6 < parameter_counts(CrossModalModel(model))["total"] < 460e6
+    assert (cfg.train.use_gpu, cfg.train.workers, cfg.train.zero_stage, cfg.train.precision) == (True, 8, 2, "bf16")
+    assert cfg.ingest.source == "shards" and cfg.storage.root.startswith("s3://")
+    assert sum(cfg.shard.splits.values()) == 1.0 and cfg.shard.splits["test"] > 0

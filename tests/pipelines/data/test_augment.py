@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.data.augment import CONTRAST_FILE, NegativeCaptions, negative_captions, word_groups
+from pipelines.config.prepare import NegativeCaptions, word_groups
+from pipelines.data.augment import CONTRAST_FILE, negative_captions
 
 CAPTION = "two shapes: a red circle on the left and a blue diamond in the bottom right corner."
 

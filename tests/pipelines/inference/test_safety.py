@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.apps.safety import SafetyConfig, SafetyFilter
+from pipelines.inference.safety import SafetyConfig, SafetyFilter
 
 CFG = SafetyConfig(blocklist_file=None, blocklist=["dirty word"], rules=[r"\b\d{3}-\d{2}-\d{4}\b"])
 
@@ -69,7 +69,8 @@ def test_rules_and_the_classifier_hook():
 
 
 def test_classifier_by_dotted_path_and_disabling():
-    by_path = SafetyFilter(SafetyConfig(classifier="tests.pipelines.test_safety:always_unsafe", threshold=0.7))
+    classifier = "tests.pipelines.inference.test_safety:always_unsafe"
+    by_path = SafetyFilter(SafetyConfig(classifier=classifier, threshold=0.7))
     assert by_path.check("anything").reason == "classifier: 0.80"
     assert not SafetyFilter(SafetyConfig(enabled=False)).check("shit").blocked
 

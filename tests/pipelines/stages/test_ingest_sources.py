@@ -130,3 +130,27 @@ def test_jsonl_manifest_with_bad_lines(tmp_path, fixtures_dir, ray_cluster):
         "pickle_member",
     ]
     assert len(records) + len(quarantine) == 6
+
+
+def test_a_manifests_fingerprint_follows_its_lines_and_media_not_its_folder(tmp_path):
+    """A manifest in the folder a user runs from: the pipeline's own outputs (runs/, the MLflow
+    store) land beside it while it runs; they must not change ingest's identity, so that
+    `crossmodal stages` shows the identity the run then uses and a re-run reuses ingest."""
+    from pipelines.config.ingest import IngestConfig
+    from pipelines.stages.ingest import source_fingerprint
+
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "a.wav").write_bytes(b"RIFF-one")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"key": "a", "audio": "media/a.wav", "text": "a hum"}) + "\n")
+    cfg = IngestConfig(source="jsonl", path=str(manifest))
+    before = source_fingerprint(cfg)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mlflow.db").write_bytes(b"written while the pipeline runs")
+    (tmp_path / "notes.txt").write_text("not named by the manifest")
+    assert source_fingerprint(cfg) == before
+    (tmp_path / "media" / "a.wav").write_bytes(b"RIFF-two, longer")  # a clip the manifest names changed
+    changed = source_fingerprint(cfg)
+    assert changed != before
+    manifest.write_text(manifest.read_text() + json.dumps({"key": "b", "text": "another"}) + "\n")
+    assert source_fingerprint(cfg) not in (before, changed)

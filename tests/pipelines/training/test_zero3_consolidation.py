@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -18,7 +19,7 @@ def worker(rank: int, folder: str, port: int) -> None:
     torch.set_num_threads(1)
     from model.multimodal import CrossModalModel
     from model.synthetic import synthetic_batch
-    from pipelines.training.config import TrainConfig
+    from pipelines.config.train import TrainConfig
     from pipelines.training.engine import import_deepspeed, initialize
 
     import_deepspeed().init_distributed(dist_backend="gloo")
@@ -40,6 +41,7 @@ def worker(rank: int, folder: str, port: int) -> None:
         torch.save({k: v.clone() for k, v in outputs.items()}, Path(folder) / "live_outputs.pt")
 
 
+@pytest.mark.spawn
 def test_zero3_checkpoint_consolidates_to_the_live_model(tmp_path):
     from model.multimodal import CrossModalModel
     from model.synthetic import synthetic_batch
@@ -49,8 +51,8 @@ def test_zero3_checkpoint_consolidates_to_the_live_model(tmp_path):
     mp.spawn(worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     state = consolidate(tmp_path, zero_stage=3)
     model = CrossModalModel(model_config("tiny"))
-    missing, unexpected = model.load_state_dict(state, strict=True), None
-    assert not missing.missing_keys and not missing.unexpected_keys
+    loaded = model.load_state_dict(state, strict=True)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
     model.eval()
     live = torch.load(tmp_path / "live_outputs.pt")
     with torch.no_grad():

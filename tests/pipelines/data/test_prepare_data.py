@@ -11,7 +11,7 @@ import pytest
 from pipelines.data.balance import multiplicities
 from pipelines.data.dataset import EpochClock, build_dataset, read_decoded
 from pipelines.data.transforms import balance_batch
-from tests.pipelines.prepare_helpers import BAD_SAMPLES, crafted_shard, spec_for
+from tests.pipelines.data.prepare_helpers import BAD_SAMPLES, crafted_shard, spec_for
 
 
 def decoded_rows(spec, split="train") -> list[dict]:

@@ -11,10 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.training.test_engine import free_port
+from tests.conftest import free_port
 
 EPOCHS_PER_PASS, BATCHES_PER_EPOCH = 3, 4
 
@@ -23,7 +24,7 @@ def run_loop(max_steps: int, checkpoints: Path, resume_from: Path | None) -> dic
     from model.config import model_config
     from model.multimodal import CrossModalModel
     from model.synthetic import synthetic_batch
-    from pipelines.training.config import TrainConfig
+    from pipelines.config.train import TrainConfig
     from pipelines.training.loop import Data, Sink, train
 
     model_cfg = model_config("tiny", num_answers=5)
@@ -72,6 +73,7 @@ def worker(rank: int, folder: str, port: int) -> None:
     Path(folder, "result.json").write_text(json.dumps({"first": first, "resumed": resumed}))
 
 
+@pytest.mark.spawn
 def test_a_resumed_run_starts_its_pass_at_the_checkpoints_epoch(tmp_path):
     mp.spawn(worker, args=(str(tmp_path), free_port()), nprocs=1, join=True)
     result = json.loads((tmp_path / "result.json").read_text())

@@ -19,10 +19,12 @@ from model.objectives import LossWeights, MultiTaskObjective
 from model.tokenizer import Tokenizer
 from pipelines.cli import main
 from pipelines.data.demo_world import ANSWERS
-from tests.model.demo_data import batch_of, corpus, world_for
-from tests.pipelines.prepare_helpers import BAD_SAMPLES, add
+from tests.model.demo_data import batch_of, corpus, memorise, world_for
+from tests.pipelines.data.prepare_helpers import BAD_SAMPLES, add
 
 SAMPLES, STEPS = 24, 300
+# Every test here uses a model trained for 300 steps first (about a minute and a half).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +40,7 @@ def trained(tmp_path_factory):
     objective = MultiTaskObjective(
         LossWeights(matching=0, masked_text=0, masked_image=0, masked_audio=0, answer=0), modality_dropout=0.5
     )  # captions and answers from one modality too
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))
-    for _ in range(STEPS):
-        loss, _ = objective(model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        warmup.step()
+    memorise(model, batch, objective, STEPS)
     root = tmp_path_factory.mktemp("apps")
     folder = save(SavedModel(model.eval(), tokenizer, list(ANSWERS)), root / "model")
     records = [world.sample(i) for i in range(SAMPLES)]
