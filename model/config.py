@@ -16,12 +16,28 @@ IMAGE_ENCODERS = ("vit", "conv")
 
 @dataclass(frozen=True)
 class TowerConfig:
-    """A Transformer stack: width, depth, attention heads, MLP expansion."""
+    """A Transformer stack: width, depth, attention heads, MLP expansion.
+
+    `head_dim` and `mlp_hidden` describe a pruned tower (model.prune): fewer heads of the
+    original size, so heads * head_dim may be less than the width, and an exact MLP hidden
+    count, which a float ratio could round a channel off. None: width // heads and
+    int(width * mlp_ratio), as before they existed."""
 
     width: int
     depth: int
     heads: int
     mlp_ratio: float = 4.0
+    head_dim: int | None = None
+    mlp_hidden: int | None = None
+
+    @property
+    def head_width(self) -> int:
+        return self.width // self.heads if self.head_dim is None else self.head_dim
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden channels."""
+        return int(self.width * self.mlp_ratio) if self.mlp_hidden is None else self.mlp_hidden
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,10 @@ class ModelConfig:
     # cells, so it says what is there but not where (the position embedding adds a constant);
     # "flatten" is a linear map of the whole map (VGG's head), so each cell keeps its place.
     conv_pool: str = "mean"
+    # conv encoder: channels of the stem and of every block but the last (whose output is
+    # image.width: the position embedding and attention read it). None: derived from image.width
+    # and depth (see ConvEncoder); set by pruning (model.prune).
+    conv_channels: tuple[int, ...] | None = None
     # audio: log-mel spectrogram, then a Transformer over patches of `audio_patch_frames` frames
     sample_rate: int = 16000
     audio_seconds: float = 1.0
@@ -64,6 +84,8 @@ class ModelConfig:
     modality_dropout: float = 0.15  # chance a present modality is hidden from a fused task in training
 
     def __post_init__(self):
+        if self.conv_channels is not None:  # JSON and YAML give lists; a tuple keeps the config hashable
+            object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.image_encoder not in IMAGE_ENCODERS:
@@ -81,8 +103,15 @@ class ModelConfig:
         if self.fusion == "hierarchical" and not 0 < self.co_attention_layers <= self.fusion_tower.depth:
             raise ValueError("co_attention_layers must be in [1, fusion_tower.depth] for hierarchical fusion")
         for tower in (self.text, self.image, self.audio, self.fusion_tower, self.decoder):
-            if tower.width % tower.heads:
-                raise ValueError(f"tower width {tower.width} is not divisible by its {tower.heads} heads")
+            check_tower(tower)
+        if self.conv_channels is not None:
+            if self.image_encoder != "conv":
+                raise ValueError("conv_channels describes the conv image encoder; image_encoder is not 'conv'")
+            if len(self.conv_channels) != self.image.depth or min(self.conv_channels) < 1:
+                raise ValueError(
+                    f"conv_channels needs {self.image.depth} positive counts (the stem and every block but "
+                    f"the last), got {list(self.conv_channels)}"
+                )
 
     @property
     def audio_samples(self) -> int:
@@ -113,6 +142,17 @@ class ModelConfig:
         return cls(**{k: TowerConfig(**v) if k in towers else v for k, v in data.items()})
 
 
+def check_tower(tower: TowerConfig) -> None:
+    if tower.heads < 1:
+        raise ValueError(f"a tower needs at least one attention head, got {tower.heads}")
+    if tower.head_dim is None and tower.width % tower.heads:
+        raise ValueError(f"tower width {tower.width} is not divisible by its {tower.heads} heads")
+    if tower.head_dim is not None and tower.head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {tower.head_dim}")
+    if tower.mlp_hidden is not None and tower.mlp_hidden < 1:
+        raise ValueError(f"mlp_hidden must be positive, got {tower.mlp_hidden}")
+
+
 def weight(default: float, doc: str, **bounds) -> float:
     """A loss weight's default, with its bounds and meaning for the pipeline's config (metadata)."""
     return field(default=default, metadata={"ge": 0.0, "doc": doc} | bounds)
@@ -136,6 +176,21 @@ class LossWeights:
     # HN-NCE (Radenovic et al. 2023): once the easy in-batch negatives are solved, the hard ones
     # still carry weight.
     hard_negative_weight: float = weight(1.0, "each hard negative caption counts as this many negatives", ge=1.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DistillWeights:
+    """Weights of the distillation losses (model.distill), added to the student's task losses;
+    the pipeline's `distill.kd` section is built from these fields."""
+
+    similarity: float = weight(1.0, "KL of the teacher's and student's cross-modal similarity distributions")
+    embedding: float = weight(1.0, "cosine distance of projected student embeddings to the teacher's")
+    tokens: float = weight(1.0, "KL of the caption-token distributions")
+    answers: float = weight(1.0, "KL of the VQA answer distributions")
+    temperature: float = weight(2.0, "softens both distributions of the token and answer KL", gt=0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,7 +29,7 @@ class CaptionDecoder(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
         width = cfg.fusion_tower.width
         self.memory_proj = nn.Identity() if width == t.width else nn.Linear(width, t.width)
-        self.stack = Stack(t.width, t.depth, t.heads, t.mlp_ratio, cross=True, dropout=cfg.dropout)
+        self.stack = Stack.of(t, cross=True, dropout=cfg.dropout)
         self.head = nn.Linear(t.width, cfg.vocab_size, bias=False)
 
     def tie_weights(self) -> None:

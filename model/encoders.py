@@ -43,7 +43,7 @@ class TextEncoder(nn.Module):
         self.width = t.width
         self.embed = nn.Embedding(cfg.vocab_size, t.width)
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, t.width))
-        self.stack = Stack(t.width, t.depth, t.heads, t.mlp_ratio, dropout=cfg.dropout)
+        self.stack = Stack.of(t, dropout=cfg.dropout)
         nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Encoded:
@@ -61,7 +61,7 @@ class ViTEncoder(nn.Module):
         self.embed = nn.Conv2d(3, t.width, kernel_size=p, stride=p)
         self.cls = nn.Parameter(torch.zeros(1, 1, t.width))
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.image_patches, t.width))
-        self.stack = Stack(t.width, t.depth, t.heads, t.mlp_ratio, dropout=cfg.dropout)
+        self.stack = Stack.of(t, dropout=cfg.dropout)
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.cls, std=0.02)
 
@@ -111,6 +111,18 @@ def full_conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), norm2d(c_out), nn.ReLU6())
 
 
+def conv_widths(cfg: ModelConfig) -> list[int]:
+    """Output channels of the conv encoder's stem and of each of its blocks: doubling from a
+    quarter of the width, the last always the width (`cfg.conv_channels` overrides the others)."""
+    width, depth = cfg.image.width, cfg.image.depth
+    if cfg.conv_channels is not None:
+        return [*cfg.conv_channels, width]
+    stem = max(8, width // 4)
+    widths = [stem] + [min(width, stem * 2 ** (i + 1)) for i in range(depth)]
+    widths[-1] = width
+    return widths
+
+
 class ConvEncoder(nn.Module):
     """A light image tower: stride-2 stem, `depth` conv blocks, then `conv_attention_layers`
     Transformer blocks over the feature map (a hybrid, as in ViT-hybrid and CLIP's attention
@@ -127,9 +139,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         width, depth = cfg.image.width, cfg.image.depth
         self.width = width
-        stem = max(8, width // 4)
-        widths = [stem] + [min(width, stem * 2 ** (i + 1)) for i in range(depth)]
-        widths[-1] = width
+        widths = conv_widths(cfg)
         self.stem = full_conv_block(3, widths[0], 2)
         # Down-sample in the first blocks until each cell of the map covers patch_size x patch_size
         # pixels, as the ViT's patches do: the fusion reads one token per cell, and the tokens'
@@ -151,7 +161,7 @@ class ConvEncoder(nn.Module):
         # find nothing to attend to (demo, 9 minutes: validation VQA 0.62-0.64 at step 300
         # against 0.54-0.59 with 0.02).
         nn.init.trunc_normal_(self.pos, std=0.5)
-        self.stack = Stack(width, cfg.conv_attention_layers, cfg.image.heads, cfg.image.mlp_ratio, dropout=cfg.dropout)
+        self.stack = Stack.of(cfg.image, depth=cfg.conv_attention_layers, dropout=cfg.dropout)
         self.flatten_pool = nn.Linear(side * side * width, width) if cfg.conv_pool == "flatten" else None
 
     def forward(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> Encoded:
@@ -234,7 +244,7 @@ class AudioEncoder(nn.Module):
         self.embed = nn.Linear(self.patch_dim, t.width)
         self.cls = nn.Parameter(torch.zeros(1, 1, t.width))
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.audio_patches, t.width))
-        self.stack = Stack(t.width, t.depth, t.heads, t.mlp_ratio, dropout=cfg.dropout)
+        self.stack = Stack.of(t, dropout=cfg.dropout)
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.cls, std=0.02)
 

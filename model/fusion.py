@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.config import MODALITIES, ModelConfig
+from model.config import MODALITIES, ModelConfig, TowerConfig
 from model.encoders import Encoded
 from model.layers import MLP, Attention, Stack, masked_mean
 
@@ -35,12 +35,14 @@ class Fused(NamedTuple):
 class CoAttentionLayer(nn.Module):
     """Each modality stream cross-attends to the concatenated tokens of the other streams."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, t: TowerConfig, dropout: float):
         super().__init__()
-        self.norm = nn.ModuleDict({m: nn.LayerNorm(width) for m in MODALITIES})
-        self.cross = nn.ModuleDict({m: Attention(width, heads, cross=True, dropout=dropout) for m in MODALITIES})
-        self.norm_mlp = nn.ModuleDict({m: nn.LayerNorm(width) for m in MODALITIES})
-        self.mlp = nn.ModuleDict({m: MLP(width, mlp_ratio, dropout) for m in MODALITIES})
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(t.width) for m in MODALITIES})
+        self.cross = nn.ModuleDict(
+            {m: Attention(t.width, t.heads, cross=True, dropout=dropout, head_dim=t.head_dim) for m in MODALITIES}
+        )
+        self.norm_mlp = nn.ModuleDict({m: nn.LayerNorm(t.width) for m in MODALITIES})
+        self.mlp = nn.ModuleDict({m: MLP(t.width, t.mlp_ratio, dropout, hidden=t.mlp_hidden) for m in MODALITIES})
 
     def forward(self, streams: dict[str, Encoded]) -> dict[str, Encoded]:
         updated = {}
@@ -64,16 +66,16 @@ class Fusion(nn.Module):
         self.type_embed = nn.Embedding(len(MODALITIES), t.width)
         joint_depth = t.depth
         if self.strategy == "hierarchical":
-            self.co_attention = nn.ModuleList(
-                CoAttentionLayer(t.width, t.heads, t.mlp_ratio, cfg.dropout) for _ in range(cfg.co_attention_layers)
-            )
+            self.co_attention = nn.ModuleList(CoAttentionLayer(t, cfg.dropout) for _ in range(cfg.co_attention_layers))
             joint_depth = t.depth - cfg.co_attention_layers
         if self.strategy == "late":
-            self.merge = nn.Sequential(nn.LayerNorm(t.width), MLP(t.width, t.mlp_ratio, cfg.dropout))
+            self.merge = nn.Sequential(
+                nn.LayerNorm(t.width), MLP(t.width, t.mlp_ratio, cfg.dropout, hidden=t.mlp_hidden)
+            )
         else:
             self.cls = nn.Parameter(torch.zeros(1, 1, t.width))
             nn.init.trunc_normal_(self.cls, std=0.02)
-            self.joint = Stack(t.width, joint_depth, t.heads, t.mlp_ratio, dropout=cfg.dropout)
+            self.joint = Stack.of(t, depth=joint_depth, dropout=cfg.dropout)
 
     def forward(self, inputs: dict[str, Encoded]) -> Fused:
         if not inputs:

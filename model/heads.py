@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import TowerConfig
 from model.layers import Block
 
 
@@ -47,13 +48,17 @@ class MaskedTokenHead(nn.Module):
 
 
 class PatchReconstructionHead(nn.Module):
-    """MAE decoder: mask tokens fill the hidden patches, one block, a linear map to patch values."""
+    """MAE decoder: mask tokens fill the hidden patches, one block, a linear map to patch values.
 
-    def __init__(self, width: int, heads: int, patches: int, patch_dim: int):
+    The block has its encoder tower's heads (and head_dim), and an MLP of 4x the width, or the
+    tower's `mlp_hidden` once pruning has set one: a pruned config rebuilds the pruned head."""
+
+    def __init__(self, width: int, heads: int, patches: int, patch_dim: int, tower: TowerConfig | None = None):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(torch.zeros(1, patches, width))
-        self.block = Block(width, heads)
+        head_dim, mlp_hidden = (tower.head_dim, tower.mlp_hidden) if tower is not None else (None, None)
+        self.block = Block(width, heads, head_dim=head_dim, mlp_hidden=mlp_hidden)
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, patch_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import TowerConfig
+
 
 def attention_mask(key_mask: torch.Tensor | None, q_len: int, causal: bool, device=None) -> torch.Tensor | None:
     """(B, 1, Lq, Lk) boolean mask for SDPA, or None when nothing is masked.
@@ -43,43 +45,51 @@ def explicit_attention(q, k, v, mask: torch.Tensor | None, dropout: float) -> to
 
 
 class Attention(nn.Module):
-    """Multi-head attention; `qkv` for self-attention, `q` + `kv` for cross-attention."""
+    """Multi-head attention; `qkv` for self-attention, `q` + `kv` for cross-attention.
 
-    def __init__(self, width: int, heads: int, cross: bool = False, dropout: float = 0.0):
+    `head_dim` (default width // heads) lets a pruned layer keep fewer heads of the original
+    size: the heads then span heads * head_dim channels, which `proj` maps back to the width."""
+
+    def __init__(self, width: int, heads: int, cross: bool = False, dropout: float = 0.0, head_dim: int | None = None):
         super().__init__()
         self.heads, self.cross, self.dropout = heads, cross, dropout
+        self.head_dim = width // heads if head_dim is None else head_dim
+        inner = heads * self.head_dim
         if cross:
-            self.q = nn.Linear(width, width)
-            self.kv = nn.Linear(width, 2 * width)
+            self.q = nn.Linear(width, inner)
+            self.kv = nn.Linear(width, 2 * inner)
         else:
-            self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+            self.qkv = nn.Linear(width, 3 * inner)
+        self.proj = nn.Linear(inner, width)
 
     def forward(self, x, key_mask=None, context=None, causal=False):
-        batch, length, width = x.shape
+        batch, length, _ = x.shape
         if self.cross:
             q = self.q(x)
             k, v = self.kv(context).chunk(2, dim=-1)
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (t.view(batch, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(batch, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         mask = attention_mask(key_mask, length, causal, x.device)
         dropout = self.dropout if self.training else 0.0
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             out = explicit_attention(q, k, v, mask, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = self.proj(out.transpose(1, 2).reshape(batch, length, width))
+        out = self.proj(out.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
         if key_mask is not None:
             out = out * key_mask.any(dim=-1)[:, None, None].to(out.dtype)
         return out
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, ratio: float = 4.0, dropout: float = 0.0):
+    """`hidden` (default int(width * ratio)) is an exact count, for a pruned layer."""
+
+    def __init__(self, width: int, ratio: float = 4.0, dropout: float = 0.0, hidden: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(width, int(width * ratio))
-        self.fc2 = nn.Linear(int(width * ratio), width)
+        hidden = int(width * ratio) if hidden is None else hidden
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -89,16 +99,25 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: self-attention, optional cross-attention, MLP."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cross: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cross: bool = False,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        mlp_hidden: int | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, dropout=dropout)
+        self.attn = Attention(width, heads, dropout=dropout, head_dim=head_dim)
         self.cross = None
         if cross:
             self.norm_cross = nn.LayerNorm(width)
-            self.cross = Attention(width, heads, cross=True, dropout=dropout)
+            self.cross = Attention(width, heads, cross=True, dropout=dropout, head_dim=head_dim)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_ratio, dropout)
+        self.mlp = MLP(width, mlp_ratio, dropout, hidden=mlp_hidden)
 
     def forward(self, x, mask=None, context=None, context_mask=None, causal=False):
         x = x + self.attn(self.norm1(x), key_mask=mask, causal=causal)
@@ -111,11 +130,35 @@ class Stack(nn.Module):
     """`depth` blocks and a final LayerNorm."""
 
     def __init__(
-        self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, cross: bool = False, dropout: float = 0.0
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cross: bool = False,
+        dropout: float = 0.0,
+        head_dim: int | None = None,
+        mlp_hidden: int | None = None,
     ):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, cross, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, cross, dropout, head_dim, mlp_hidden) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(width)
+
+    @classmethod
+    def of(cls, tower: TowerConfig, depth: int | None = None, cross: bool = False, dropout: float = 0.0) -> Stack:
+        """The blocks a tower's config describes (`depth` blocks of it, default all)."""
+        return cls(
+            tower.width,
+            tower.depth if depth is None else depth,
+            tower.heads,
+            tower.mlp_ratio,
+            cross,
+            dropout,
+            tower.head_dim,
+            tower.mlp_hidden,
+        )
 
     def forward(self, x, mask=None, context=None, context_mask=None, causal=False):
         for block in self.blocks:

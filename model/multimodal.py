@@ -51,13 +51,13 @@ class CrossModalModel(nn.Module):
         self.masked_text_head = MaskedTokenHead(width, cfg.vocab_size)
         self.image_reconstruction = (
             PatchReconstructionHead(
-                cfg.image.width, cfg.image.heads, cfg.image_patches, self.encoders["image"].patch_dim
+                cfg.image.width, cfg.image.heads, cfg.image_patches, self.encoders["image"].patch_dim, cfg.image
             )
             if cfg.image_encoder == "vit"
             else None
         )
         self.audio_reconstruction = PatchReconstructionHead(
-            cfg.audio.width, cfg.audio.heads, cfg.audio_patches, self.encoders["audio"].patch_dim
+            cfg.audio.width, cfg.audio.heads, cfg.audio_patches, self.encoders["audio"].patch_dim, cfg.audio
         )
         init_weights(self)
         # The fusion stream starts from these projections, so they get unit gain (LeCun normal),
