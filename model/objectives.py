@@ -176,14 +176,17 @@ def masked_audio(model, batch, present, ratio, generator) -> TaskLoss:
     return loss, present["audio"]
 
 
-def generation(model, fused, ids, mask) -> torch.Tensor:
-    """Teacher-forced cross-entropy of ids[1:] given ids[:-1], per sample."""
+def generation(model, fused, ids, mask, record: dict | None = None, key: str = "") -> torch.Tensor:
+    """Teacher-forced cross-entropy of ids[1:] given ids[:-1], per sample. `record` (with a
+    `key`) keeps the logits and target mask for losses that compare them (distillation)."""
     logits = model.decode(fused, ids[:, :-1], mask[:, :-1])
     per_token = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none") * mask[:, 1:]
+    if record is not None:
+        record[key] = (logits, mask[:, 1:].to(per_token.dtype))
     return per_token.sum(1) / mask[:, 1:].sum(1).clamp(min=1)
 
 
-def caption(model, batch, encoded, present, context_present) -> TaskLoss:
+def caption(model, batch, encoded, present, context_present, record: dict | None = None) -> TaskLoss:
     context = {m: e for m, e in encoded.items() if m != "text"}
     if not context:
         return _none(encoded)
@@ -196,19 +199,26 @@ def caption(model, batch, encoded, present, context_present) -> TaskLoss:
         if "caption_ids" in batch
         else (batch["text_ids"], batch["text_mask"])
     )
-    return generation(model, fused, ids, mask), present["text"] & has_context
+    applies = present["text"] & has_context
+    loss = generation(model, fused, ids, mask, record, "caption_logits")
+    if record is not None:  # (logits, target mask, applies)
+        record["caption_logits"] = (*record["caption_logits"], applies)
+    return loss, applies
 
 
-def question_answering(model, batch, encoded, context_present) -> tuple[TaskLoss, TaskLoss]:
+def question_answering(model, batch, encoded, context_present, record: dict | None = None) -> tuple[TaskLoss, TaskLoss]:
     """(answer-class loss, free-form answer loss) from question + image/audio."""
     context = {m: e for m, e in encoded.items() if m != "text"}
     labels = batch["answer_label"]
     asked = labels >= 0
     question = model.encode_text(batch["question_ids"], batch["question_mask"])
     fused = model.fuse(dict(context, text=question), dict(context_present, text=asked))
-    vqa = F.cross_entropy(model.answer_logits(fused).float(), labels.clamp(min=0), reduction="none")
+    logits = model.answer_logits(fused)
+    vqa = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
     has_context = torch.stack([context_present[m] for m in context]).any(dim=0) if context else asked
     applies = asked & has_context
+    if record is not None:
+        record["answer_logits"] = (logits, applies)
     if "answer_ids" not in batch:
         return (vqa, applies), (torch.zeros_like(vqa), torch.zeros_like(applies))
     return (vqa, applies), (generation(model, fused, batch["answer_ids"], batch["answer_mask"]), applies)
@@ -243,8 +253,10 @@ class MultiTaskObjective:
         self.weights, self.modality_dropout = weights, modality_dropout
 
     def __call__(
-        self, model, batch: dict, generator: torch.Generator | None = None
+        self, model, batch: dict, generator: torch.Generator | None = None, record: dict | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`record`, when given, receives what a distillation loss compares: the embeddings and
+        presence flags, the caption logits and the answer logits of this step."""
         w = self.weights
         encoded = model.encode(batch)
         any_e = next(iter(encoded.values()))
@@ -253,6 +265,8 @@ class MultiTaskObjective:
         rate = model.cfg.modality_dropout if self.modality_dropout is None else self.modality_dropout
         context_present = drop_modalities(present, rate if model.training else 0.0, generator)
         embeddings = model.embed(encoded)
+        if record is not None:
+            record |= {"embeddings": embeddings, "present": present}
         tasks: dict[str, TaskLoss] = {}
         if w.contrastive:
             negatives = embed_negatives(model, batch) if "text" in encoded else None
@@ -268,9 +282,9 @@ class MultiTaskObjective:
         if w.masked_audio and "audio" in encoded:
             tasks["masked_audio"] = masked_audio(model, batch, present, w.patch_mask_ratio, generator)
         if w.caption and "text" in encoded:
-            tasks["caption"] = caption(model, batch, encoded, present, context_present)
+            tasks["caption"] = caption(model, batch, encoded, present, context_present, record)
         if (w.vqa or w.answer) and "question_ids" in batch:
-            tasks["vqa"], tasks["answer"] = question_answering(model, batch, encoded, context_present)
+            tasks["vqa"], tasks["answer"] = question_answering(model, batch, encoded, context_present, record)
         return combine(tasks, w.to_dict(), batch.get("weight"))
 
 
