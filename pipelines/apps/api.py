@@ -13,6 +13,7 @@ and limits), so a model sees at inference what it saw in training.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipelines.inference.safety import SafetyConfig, SafetyFilter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
+WEIGHT_SUFFIXES = {".safetensors", ".onnx", ".json", ".data", ".bin"}
 
 
 class InputError(UserError):
@@ -67,9 +69,14 @@ class CrossModal:
         """Identifies the weights (hashed once): an index records it, so a query embedded by
         another model is refused."""
         digest = hashlib.sha256()
-        with open(self.folder / "model.safetensors", "rb") as weights:
-            for chunk in iter(lambda: weights.read(1 << 20), b""):
-                digest.update(chunk)
+        # A compressed folder has other weight files (quantized.json names them): all of them count.
+        files = [self.folder / "model.safetensors"]
+        if not files[0].is_file():
+            files = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        for path in files:
+            with open(path, "rb") as weights:
+                for chunk in iter(lambda: weights.read(1 << 20), b""):
+                    digest.update(chunk)
         return digest.hexdigest()[:16]
 
     @property
@@ -78,16 +85,24 @@ class CrossModal:
 
     # -- inputs ------------------------------------------------------------------------------
     def read_image(self, path: str | Path) -> np.ndarray:
-        try:
-            return decode_image(read_file(path), self.settings, str(path))
-        except Unusable as err:
-            raise InputError(f"{path}: not a usable image ({err.reason}: {err.detail})") from None
+        return self.image_from_bytes(read_file(path), str(path))
 
     def read_audio(self, path: str | Path) -> tuple[np.ndarray, int]:
+        return self.audio_from_bytes(read_file(path), str(path))
+
+    def image_from_bytes(self, data: bytes, name: str = "image") -> np.ndarray:
+        """The bytes of an image file, decoded as training decoded them; `name` labels errors."""
         try:
-            return decode_audio(read_file(path), self.settings, str(path))
+            return decode_image(data, self.settings, name)
         except Unusable as err:
-            raise InputError(f"{path}: not a usable audio file ({err.reason}: {err.detail})") from None
+            raise InputError(f"{name}: not a usable image ({err.reason}: {one_line(err.detail)})") from None
+
+    def audio_from_bytes(self, data: bytes, name: str = "audio") -> tuple[np.ndarray, int]:
+        """(wave, valid length) of the bytes of an audio file, decoded as training decoded them."""
+        try:
+            return decode_audio(data, self.settings, name)
+        except Unusable as err:
+            raise InputError(f"{name}: not a usable audio file ({err.reason}: {one_line(err.detail)})") from None
 
     def modality_of(self, path: str | Path) -> str:
         suffix = Path(path).suffix.lower()
@@ -145,22 +160,41 @@ class CrossModal:
     # -- generation --------------------------------------------------------------------------
     def caption(self, path: str | Path, beam_size: int = 3, max_len: int = 32) -> Generated:
         modality = self.modality_of(path)
-        batch = (
-            self.batch(images=[self.read_image(path)])
-            if modality == "image"
-            else self.batch(audio=[self.read_audio(path)])
-        )
-        texts, _ = predict.captions(self.model, self.tokenizer, batch, (modality,), beam_size, max_len)
-        return self.filtered(texts[0], source=modality)
+        if modality == "image":
+            return self.caption_decoded(image=self.read_image(path), beam_size=beam_size, max_len=max_len)
+        return self.caption_decoded(audio=self.read_audio(path), beam_size=beam_size, max_len=max_len)
+
+    def caption_decoded(
+        self,
+        image: np.ndarray | None = None,
+        audio: tuple[np.ndarray, int] | None = None,
+        beam_size: int = 3,
+        max_len: int = 32,
+    ) -> Generated:
+        """The caption of one decoded image and/or audio clip (both: captioned from both)."""
+        context = tuple(m for m, given in (("image", image), ("audio", audio)) if given is not None)
+        if not context:
+            raise InputError("caption: needs an image or an audio file")
+        batch = self.batch(images=None if image is None else [image], audio=None if audio is None else [audio])
+        texts, _ = predict.captions(self.model, self.tokenizer, batch, context, beam_size, max_len)
+        return self.filtered(texts[0], source="+".join(context))
 
     def answer(self, image: str | Path, question: str) -> Generated:
+        self.check_question(question)
+        return self.answer_decoded(self.read_image(image), question)
+
+    def answer_decoded(self, image: np.ndarray, question: str) -> Generated:
+        """The answer to a question about one decoded image."""
+        self.check_question(question)
+        batch = self.batch(images=[image], questions=[question.strip()])
+        names, scores, _ = predict.answers(self.model, self.saved.answers, batch, ("image",))
+        return self.filtered(names[0], score=float(scores[0]), source="image")
+
+    def check_question(self, question: str) -> None:
         if not question or not question.strip():
             raise InputError("question: empty question")
         if not self.saved.answers:
             raise InputError(f"{self.folder}: this model was trained without answers (no VQA head labels)")
-        batch = self.batch(images=[self.read_image(image)], questions=[question.strip()])
-        names, scores, _ = predict.answers(self.model, self.saved.answers, batch, ("image",))
-        return self.filtered(names[0], score=float(scores[0]), source="image")
 
     def filtered(self, text: str, **details) -> Generated:
         verdict = self.safety.check(text)
@@ -175,3 +209,9 @@ def read_file(path: str | Path) -> bytes:
     if not data:
         raise InputError(f"{path}: empty file")
     return data
+
+
+def one_line(detail: str) -> str:
+    """A decoder's message as one line, without the repr of the in-memory file PIL names."""
+    lines = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(detail)).strip().splitlines()
+    return lines[0] if lines else ""
