@@ -95,19 +95,11 @@ def command_run(args) -> int:
 
 def command_stages(args) -> int:
     from pipelines.config import load_config
-    from pipelines.dag import identity, order
-    from pipelines.lineage import Lineage
-    from pipelines.runner import finished_result
-    from pipelines.stages import STAGES
-    from pipelines.storage import Storage
+    from pipelines.runner import plan_state
 
     cfg = load_config(args.config, args.overrides)
-    lineage, storage, identities = Lineage(cfg.mlflow), Storage(cfg.storage.root), {}
     print(f"{'stage':10}  {'needs':16}  {'identity':12}  state")
-    for stage in order(STAGES):
-        ident = identity(stage, getattr(cfg, stage.section), {n: identities[n] for n in stage.needs}, storage.uri)
-        identities[stage.name] = ident
-        prior = finished_result(lineage, ident)
+    for stage, ident, prior in plan_state(cfg):
         state = f"finished (run {prior[0]}) -> {prior[1]}" if prior else "to run"
         print(f"{stage.name:10}  {','.join(stage.needs) or '-':16}  {ident[:12]:12}  {state}")
     return 0

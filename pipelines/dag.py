@@ -13,7 +13,7 @@ import inspect
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,27 @@ class Stage:
     # What the stage reads from outside the pipeline (a user's folder of files): a digest of it,
     # computed on the driver, so changed data means a new identity and the stage runs again.
     fingerprint: Callable[[BaseModel], str] | None = None
+    # Which of `needs` this config uses (a compression stage's `source` picks one of several);
+    # None: all of them. `needs` lists every possible input, so the registry orders them all.
+    uses: Callable[[BaseModel], tuple[str, ...]] | None = None
+
+
+def configured(stages: list[Stage], section_of: Callable[[Stage], BaseModel]) -> list[Stage]:
+    """The stages a config runs: those whose section says `enabled: false` left out, each with
+    only the inputs its section uses. A stage that uses a left-out one is a one-line error."""
+    enabled = [s for s in stages if getattr(section_of(s), "enabled", True)]
+    names = {s.name for s in enabled}
+    out = []
+    for stage in enabled:
+        needs = stage.uses(section_of(stage)) if stage.uses else stage.needs
+        for need in needs:
+            if need not in names and need in {s.name for s in stages}:
+                raise PlanError(
+                    f"stage '{stage.name}' uses '{need}', which is off ({need}'s section has enabled: false): "
+                    f"turn it on or choose another {stage.section}.source"
+                )
+        out.append(replace(stage, needs=tuple(needs)))
+    return out
 
 
 def order(stages: list[Stage]) -> list[Stage]:

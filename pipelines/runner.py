@@ -29,6 +29,7 @@ from pipelines.dag import (
     StageResult,
     ancestors,
     code_version,
+    configured,
     descendants,
     identity,
     order,
@@ -122,6 +123,17 @@ def finished_result(lineage: Lineage, ident: str) -> tuple[str, str, StageResult
     return record.run_id, record.output_uri, StageResult.from_json(marker["result"])
 
 
+def plan_state(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[tuple[Stage, str, tuple | None]]:
+    """Each stage the config runs, in order, with its identity and its finished run (run id,
+    output uri, result) if one with that identity exists: what `crossmodal stages` prints."""
+    lineage, storage, identities, out = Lineage(cfg.mlflow), Storage(cfg.storage.root), {}, []
+    for stage in order(configured(stages or STAGES, lambda s: getattr(cfg, s.section))):
+        ident = identity(stage, getattr(cfg, stage.section), {n: identities[n] for n in stage.needs}, storage.uri)
+        identities[stage.name] = ident
+        out.append((stage, ident, finished_result(lineage, ident)))
+    return out
+
+
 def why_new(previous, tags: dict[str, str], params: dict[str, str]) -> str:
     """What differs from the stage's latest finished run (an MLflow run, or None): its config,
     its code or its inputs; else what the identity holds beyond them."""
@@ -168,7 +180,7 @@ class Pipeline:
         echo: Callable[[str], None] = print,
     ):
         self.cfg, self.echo = cfg, echo
-        self.stages = order(stages)
+        self.stages = order(configured(stages, lambda stage: getattr(cfg, stage.section)))
         self.chosen = select(self.stages, only, from_stage)
         self.needed = self.chosen | ancestors(self.stages, self.chosen)
         # Forced: what --force or --from asks to redo, never a stage outside the selection.

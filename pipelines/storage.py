@@ -100,3 +100,23 @@ class Storage:
         for info in self.fs.get_file_info(selector):
             if info.type == pafs.FileType.File and info.path.endswith(suffix):
                 yield posixpath.relpath(info.path, self.base)
+
+    def upload(self, folder: str | Path) -> str:
+        """Copy a local folder's files (recursively) into this folder; returns this folder's URI."""
+        folder = Path(folder)
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.write_bytes(path.read_bytes(), *path.relative_to(folder).parts)
+        return self.uri
+
+    def local_copy(self) -> Path:
+        """This folder as a local path: itself on a local root, else a fresh local copy."""
+        if self.is_local():
+            return self.local_path()
+        import tempfile
+
+        target = Path(tempfile.mkdtemp(prefix="crossmodal-"))
+        for relative in self.list_files():
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            (target / relative).write_bytes(self.read_bytes(relative))
+        return target

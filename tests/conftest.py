@@ -53,9 +53,14 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+# The demo config compresses after evaluate; tests of the other stages switch that off.
+NO_COMPRESSION = ["distill.enabled=false", "prune.enabled=false", "quantize.enabled=false", "registry.enabled=false"]
+
+
 def small_overrides(tmp_path: Path) -> list[str]:
-    """A few hundred demo samples, all state under tmp_path."""
+    """A few hundred demo samples, all state under tmp_path, no compression stages."""
     return [
+        *NO_COMPRESSION,
         f"storage.root={tmp_path / 'storage'}",
         f"mlflow.local_store={tmp_path / 'runs'}",
         "ingest.demo.num_samples=240",

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from pipelines.config.base import AgreementError, Strict
+from pipelines.config.compress import DistillConfig, PruneConfig, QuantizeConfig, RegisterConfig
 from pipelines.config.evaluate import EvaluateConfig
 from pipelines.config.ingest import IngestConfig
 from pipelines.config.prepare import PrepareConfig
@@ -23,6 +24,12 @@ AGREEMENTS = (
     (("ingest", "demo", "sample_rate"), ("prepare", "sample_rate")),
     (("ingest", "demo", "audio_seconds"), ("prepare", "max_audio_seconds")),
     (("prepare", "max_member_mb"), ("ingest", "max_member_mb")),
+    # Every model is scored on the same split and samples: one candidate set for all.
+    *(
+        ((stage, key), ("evaluate", key))
+        for stage in ("distill", "prune", "quantize")
+        for key in ("split", "max_samples")
+    ),
 )
 
 
@@ -36,6 +43,10 @@ class PipelineConfig(Strict):
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    registry: RegisterConfig = RegisterConfig()
 
     @model_validator(mode="after")
     def _sections_agree(self):
@@ -56,22 +67,27 @@ class PipelineConfig(Strict):
         return self
 
     def _model_fits_the_data(self) -> None:
-        """The model train.model chooses must be buildable at the sizes prepare decodes to."""
+        """The models train.model and distill.model choose must be buildable at the sizes
+        prepare decodes to."""
         prepare = self.prepare
-        try:
-            chosen_model(
-                self.train,
-                vocab_size=prepare.vocab_size,
-                num_answers=prepare.max_answers,
-                max_text_len=prepare.max_text_len,
-                image_size=prepare.image_size,
-                sample_rate=prepare.sample_rate,
-                audio_seconds=prepare.max_audio_seconds,
-            )
-        except (ValueError, TypeError) as err:
-            raise AgreementError(
-                f"train.model does not fit the prepared data: {err}", ("train.model", "prepare.image_size")
-            ) from None
+        for name in ("train", "distill"):
+            section = getattr(self, name)
+            if name == "distill" and not section.enabled:
+                continue
+            try:
+                chosen_model(
+                    section,
+                    vocab_size=prepare.vocab_size,
+                    num_answers=prepare.max_answers,
+                    max_text_len=prepare.max_text_len,
+                    image_size=prepare.image_size,
+                    sample_rate=prepare.sample_rate,
+                    audio_seconds=prepare.max_audio_seconds,
+                )
+            except (ValueError, TypeError) as err:
+                raise AgreementError(
+                    f"{name}.model does not fit the prepared data: {err}", (f"{name}.model", "prepare.image_size")
+                ) from None
 
     def digest(self) -> str:
         """sha256 of the resolved config, stable across key order and formatting."""

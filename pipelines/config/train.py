@@ -57,8 +57,10 @@ class FaultDrill(Strict):
     step: int | None = Field(None, ge=1)
 
 
-class TrainConfig(Strict):
-    model: ModelChoice = ModelChoice()
+class LoopConfig(Strict):
+    """What the training loop reads: the train stage's section without its model choice. The
+    distill and prune stages train through the same loop with sections built on this one."""
+
     losses: Losses = Losses()
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -99,6 +101,14 @@ class TrainConfig(Strict):
         default_factory=dict,
         description="laid over the generated DeepSpeed config, e.g. {zero_optimization: {reduce_bucket_size: 5e8}}",
     )
+
+    def loop(self) -> LoopConfig:
+        """The loop's own fields of this section (a subclass adds its stage's keys)."""
+        return LoopConfig(**{key: getattr(self, key) for key in LoopConfig.model_fields})
+
+
+class TrainConfig(LoopConfig):
+    model: ModelChoice = ModelChoice()
 
 
 def chosen_model(

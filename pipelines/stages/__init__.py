@@ -5,9 +5,13 @@ A new stage is a module with its function (its config section in `pipelines.conf
 """
 
 from pipelines.dag import Stage
+from pipelines.stages.distill import distill
 from pipelines.stages.evaluate import evaluate
 from pipelines.stages.ingest import ingest, source_fingerprint
 from pipelines.stages.prepare import prepare
+from pipelines.stages.prune import prune
+from pipelines.stages.quantize import quantize
+from pipelines.stages.register import register
 from pipelines.stages.shard import shard
 from pipelines.stages.train import train
 
@@ -17,4 +21,22 @@ STAGES: list[Stage] = [
     Stage("prepare", prepare, section="prepare", needs=("shard",)),
     Stage("train", train, section="train", needs=("prepare",)),
     Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train")),
+    # Compression (off unless their sections say enabled: true). `source` picks the model each
+    # one takes, so each needs every stage it could take it from and uses the chosen one.
+    Stage("distill", distill, section="distill", needs=("prepare", "train")),
+    Stage("prune", prune, section="prune", needs=("prepare", "train", "distill"), uses=lambda s: ("prepare", s.source)),
+    Stage(
+        "quantize",
+        quantize,
+        section="quantize",
+        needs=("prepare", "train", "distill", "prune"),
+        uses=lambda s: ("prepare", s.source),
+    ),
+    Stage(
+        "register",
+        register,
+        section="registry",
+        needs=("evaluate", "train", "distill", "prune", "quantize"),
+        uses=lambda s: ("evaluate", s.source),
+    ),
 ]

@@ -42,27 +42,9 @@ HEADLINE = (
 
 def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     spec = DatasetSpec(**Storage(ctx.inputs["prepare"].outputs["spec"]).read_json())
-    if cfg.split not in spec.shards:
-        raise StageError(
-            f"evaluate.split: no {cfg.split!r} split in the prepared data (splits: {', '.join(spec.shards)})"
-        )
     ref = cfg.model or ctx.inputs["train"].outputs["model"]
     saved = load_stage_model(ref, ctx.tracking_uri)
-    limit_data_cpus(spec.data_cpus)
-    safety = SafetyFilter(cfg.safety)
-    batches = split_batches(spec, cfg.split, cfg.batch_size, cfg.max_samples)
-    scoring = Scoring(
-        contexts=contexts_of(spec.profile),
-        tokenizer=saved.tokenizer,
-        answer_names=tuple(saved.answers),
-        generate=True,
-        safety=safety,
-        beam_size=cfg.beam_size,
-        max_tokens=cfg.max_caption_tokens,
-        keep_media=cfg.max_samples or 100_000,
-    )
-    collected = collect(saved.model, batches, scoring)
-    metrics = evaluation_metrics(collected)
+    metrics, collected = score(saved, spec, cfg, SafetyFilter(cfg.safety), keep_media=cfg.max_samples or 100_000)
     skipped = skipped_parts({m: int(collected.flag(m).sum()) for m in MODALITIES}, questions(collected), cfg.split)
     if not saved.answers and questions(collected):
         skipped.append("the model has no answer vocabulary (trained without questions): VQA skipped")
@@ -94,6 +76,28 @@ def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
     )
 
 
+def score(saved, spec: DatasetSpec, cfg: EvaluateConfig, safety: SafetyFilter | None = None, keep_media: int = 0):
+    """(metrics, collected) of one model on `cfg.split`: the one scoring path, which the
+    compression stages use too (same split, samples and candidate sets)."""
+    if cfg.split not in spec.shards:
+        raise StageError(
+            f"evaluate.split: no {cfg.split!r} split in the prepared data (splits: {', '.join(spec.shards)})"
+        )
+    limit_data_cpus(spec.data_cpus)
+    scoring = Scoring(
+        contexts=contexts_of(spec.profile),
+        tokenizer=saved.tokenizer,
+        answer_names=tuple(saved.answers),
+        generate=True,
+        safety=safety,
+        beam_size=cfg.beam_size,
+        max_tokens=cfg.max_caption_tokens,
+        keep_media=keep_media,
+    )
+    collected = collect(saved.model, split_batches(spec, cfg.split, cfg.batch_size, cfg.max_samples), scoring)
+    return evaluation_metrics(collected), collected
+
+
 def contexts_of(profile: dict) -> tuple[str, ...]:
     """The generation contexts the data has every modality of: for images only, captions from
     the image (a 'full' image + audio context would score the same samples again)."""
@@ -109,13 +113,8 @@ def questions(collected) -> int:
 
 def load_stage_model(ref: str, tracking_uri: str):
     """A model folder in the storage root (any filesystem) or an MLflow reference, loaded on CPU."""
-    if "://" in ref and not ref.startswith(("runs:/", "models:/", "file://")):
-        store, local = Storage(ref), Path(tempfile.mkdtemp(prefix="crossmodal-model-"))
-        for name in ("model.safetensors", "config.json", "tokenizer.json"):
-            (local / name).write_bytes(store.child(name).read_bytes())
-        ref = str(local)
-    elif ref.startswith("file://"):
-        ref = Storage(ref).path()
+    if "://" in ref and not ref.startswith(("runs:/", "models:/")):
+        ref = str(Storage(ref).local_copy())
     saved, _ = load_model(ref, tracking_uri)
     return saved
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from model.objectives import MultiTaskObjective
-from pipelines.config.train import TrainConfig
+from pipelines.config.train import LoopConfig
 from pipelines.patches import patch_deepspeed
 
 # The dtype a batch is cast to: the engine's weights' (bf16-mixed keeps fp32 weights under autocast).
@@ -53,7 +53,7 @@ def bf16_is_faster(device: torch.device, size: int = 256) -> bool:
     return timings[torch.bfloat16] < timings[torch.float32]
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device, agree=None) -> TrainConfig:
+def resolve_precision(cfg: LoopConfig, device: torch.device, agree=None) -> LoopConfig:
     """`precision: auto` made concrete on the machine that trains: bf16 where it is faster than
     fp32, else fp32. `agree(flag) -> bool` makes every rank take the same choice (all say yes)."""
     if cfg.precision != "auto":
@@ -64,7 +64,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device, agree=None) -> Tra
     return cfg.model_copy(update={"precision": "bf16" if faster else "fp32"})
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: LoopConfig, world_size: int) -> dict:
     """DeepSpeed's config from ours, with the settings that keep its step free of device syncs:
     a sync stops the host from queueing the next step's work while the GPU finishes this one,
     and a multi-tower model's step is bound by the host at batch sizes that fit (see README,
@@ -113,8 +113,9 @@ class ObjectiveModule(nn.Module):
     Computing the loss inside forward matters under ZeRO-3: parameters are gathered by module
     hooks, so everything (the temperature included) must be used inside a module call."""
 
-    def __init__(self, model: nn.Module, objective: MultiTaskObjective, every_parameter: bool = True):
+    def __init__(self, model: nn.Module, objective, every_parameter: bool = True):
         super().__init__()
+        # An objective that is an nn.Module (distillation's projections) trains with the model.
         self.model, self.objective, self.every_parameter = model, objective, every_parameter
 
     def forward(self, batch: dict, generator: torch.Generator | None = None):
@@ -124,7 +125,7 @@ class ObjectiveModule(nn.Module):
             # image (or a question, ...) leaves that tower's (or head's) parameters without a
             # gradient on that rank only; ZeRO-1/2 then reduce different buckets on different
             # ranks and gloo aborts (seen on a dozen-sample data set with micro-batches of 2).
-            loss = loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
+            loss = loss + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
         return loss, parts
 
 
@@ -134,7 +135,7 @@ class Budget:
     fraction: float = 0.0
 
 
-def warmup_cosine(cfg: TrainConfig, budget: Budget | None = None):
+def warmup_cosine(cfg: LoopConfig, budget: Budget | None = None):
     """Linear warm-up, then cosine decay to min_lr_ratio of the peak at max_steps, or when the
     time budget runs out if that comes first (so a run cut by max_minutes still ends annealed)."""
 
@@ -157,11 +158,12 @@ def aligned_first(params: list) -> list:
     return sorted(params, key=lambda p: p.numel() % 8 != 0)
 
 
-def initialize(model: nn.Module, cfg: TrainConfig, world_size: int, budget: Budget | None = None):
-    """(engine, ds_config) with a client AdamW and a warm-up + cosine scheduler."""
+def initialize(model: nn.Module, cfg: LoopConfig, world_size: int, budget: Budget | None = None, objective=None):
+    """(engine, ds_config) with a client AdamW and a warm-up + cosine scheduler. `objective`:
+    the multi-task objective of `cfg.losses` by default (the model's own modality dropout)."""
     deepspeed = import_deepspeed()
+    objective = objective if objective is not None else MultiTaskObjective(cfg.losses.weights())
     # ZeRO-3 keeps parameters partitioned outside their module's forward: no zero-weight term there.
-    objective = MultiTaskObjective(cfg.losses.weights(), cfg.model.modality_dropout)
     module = ObjectiveModule(model, objective, every_parameter=cfg.zero_stage < 3)
     decay = aligned_first([p for n, p in module.named_parameters() if p.ndim >= 2 and "pos" not in n.split(".")[-1]])
     no_decay = aligned_first(
@@ -221,4 +223,5 @@ def consolidate(checkpoint_dir: str | Path, zero_stage: int) -> dict[str, torch.
         state = {k: v.float() for k, v in states["module"].items()}
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    # Only the model: an objective's own parameters (distillation's projections) stay behind.
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

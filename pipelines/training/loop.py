@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipelines.config.train import TrainConfig
+from pipelines.config.train import LoopConfig
 from pipelines.evaluation.collect import collect, gather
 from pipelines.evaluation.report import evaluation_metrics
 from pipelines.training.engine import DTYPES, Budget, cast_batch, initialize, load_rng, resolve_precision, save_rng
@@ -95,12 +95,14 @@ def agree(flag: float, group) -> bool:
     return tensor.item() == 1.0
 
 
-def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int) -> Progress:
+def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int, objective=None) -> Progress:
+    """`objective`: the loss (default: the multi-task objective of `cfg.losses`); distillation
+    hands in one that adds the teacher's."""
     budget = Budget()
     control = control_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = resolve_precision(cfg, device, lambda flag: agreed_max(-float(flag), control) < 0)  # all ranks: yes
-    engine, ds_config = initialize(model, cfg, world, budget if cfg.max_minutes else None)
+    engine, ds_config = initialize(model, cfg, world, budget if cfg.max_minutes else None, objective)
     dtype = DTYPES[cfg.precision]
     if rank == 0:
         sink.log_config(ds_config)
@@ -180,7 +182,7 @@ def train(model, cfg: TrainConfig, data: Data, sink: Sink, rank: int, world: int
     return finish(engine, data, dtype, sink, rank, progress, last_saved)
 
 
-def progress_line(cfg: TrainConfig, step: int, seconds: float, loss: float, samples_per_s: float) -> str:
+def progress_line(cfg: LoopConfig, step: int, seconds: float, loss: float, samples_per_s: float) -> str:
     """'train: step 120 of 100000 | 2.1 of 9.0 min | about 6.9 min left | loss 2.310 | 98 samples/s':
     the budget that ends training first (steps or minutes) sets the time left."""
     left = (cfg.max_steps - step) * seconds / max(step, 1)

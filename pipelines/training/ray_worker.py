@@ -14,11 +14,15 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from model.config import ModelConfig
+from model.config import DistillWeights, ModelConfig
+from model.distill import DistillationObjective
+from model.io import load
 from model.multimodal import CrossModalModel
+from model.objectives import MultiTaskObjective
 from pipelines import env
-from pipelines.config.train import TrainConfig
+from pipelines.config.train import LoopConfig
 from pipelines.data.collate import to_model_batch
+from pipelines.storage import Storage
 from pipelines.training.engine import import_deepspeed
 from pipelines.training.loop import Data, Sink, control_group, in_lockstep, train
 from pipelines.training.tracking import MlflowSink
@@ -28,12 +32,15 @@ VAL_ROWS_KEPT = 4096  # per rank; about 0.4 GB at 224 px and 10 s of audio
 
 def train_loop_per_worker(config: dict) -> None:
     env.configure()
-    cfg = TrainConfig(**config["train"])
+    cfg = LoopConfig(**config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     import_deepspeed().init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = CrossModalModel(ModelConfig.from_dict(config["model"]))
+    if config.get("init"):  # fine-tuning (a pruned model's recovery): start from its weights
+        model.load_state_dict(load(Storage(config["init"]).local_copy()).model.state_dict())
+    objective = distillation(config, model) if config.get("teacher") else None
     clock = config["clock"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["validate"] else None  # no val split: no validation
@@ -41,8 +48,6 @@ def train_loop_per_worker(config: dict) -> None:
     # is trimmed on the host, so reading its length never waits for the GPU's previous step.
     device = ray.train.torch.get_device()
     host = {"device": "cpu", "pin_memory": device.type == "cuda"}
-
-    lockstep = control_group()
 
     lockstep = control_group()  # created on every rank at the same point, as collectives must be
 
@@ -81,9 +86,24 @@ def train_loop_per_worker(config: dict) -> None:
         latest=restore_latest,
         log_config=tracker.log_config if tracker else lambda ds_config: None,
     )
-    progress = train(model, cfg, Data(train_epoch, val_batches if val_shard is not None else None), sink, rank, world)
+    data = Data(train_epoch, val_batches if val_shard is not None else None)
+    progress = train(model, cfg, data, sink, rank, world, objective)
     if tracker:
         tracker.log({"train_seconds": progress.train_seconds, "samples_seen": progress.samples}, progress.step)
+        if objective is not None and progress.train_seconds:  # this session's share (a resumed run: since resuming)
+            share = objective.teacher_seconds / progress.train_seconds
+            tracker.log({"teacher_share": share}, progress.step)
+            print(f"distill: the teacher's forward pass took {share:.0%} of the training time", flush=True)
+
+
+def distillation(config: dict, student: CrossModalModel) -> DistillationObjective:
+    """The student's task losses plus the teacher's, the teacher on this worker's device."""
+    teacher = load(Storage(config["teacher"]).local_copy()).model
+    teacher = teacher.to(ray.train.torch.get_device())
+    cfg = LoopConfig(**config["train"])
+    return DistillationObjective(
+        teacher, MultiTaskObjective(cfg.losses.weights()), DistillWeights(**config["distill"]), student.cfg.embed_dim
+    )
 
 
 def report(folder: Path, metrics: dict) -> None:

@@ -11,11 +11,18 @@ import pytest
 from tests.conftest import REPO, free_port
 
 SCRIPTS = {
+    # The ONNX route's export (20-40 s) is tested in tests/pipelines/compression.
+    "compression.py": ["--synthetic", "--repeats", "3", "--set", "quantize.routes=[torch_int8]"],
     "data_throughput.py": ["--samples", "48", "--workers", "1", "--epochs", "1"],
     "model_step.py": ["--sizes", "tiny", "--steps", "1", "--batch", "2"],
     "zero_overhead.py": ["--size", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1"],
 }
-PRINTS = {"data_throughput.py": "ratio ray data / DataLoader:", "model_step.py": "tiny", "zero_overhead.py": "ZeRO-2"}
+PRINTS = {
+    "compression.py": "student vs teacher: parameters",
+    "data_throughput.py": "ratio ray data / DataLoader:",
+    "model_step.py": "tiny",
+    "zero_overhead.py": "ZeRO-2",
+}
 
 
 def test_every_benchmark_script_is_smoke_tested():

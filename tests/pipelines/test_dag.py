@@ -11,6 +11,7 @@ from pipelines.dag import (
     StageResult,
     ancestors,
     code_digest,
+    configured,
     descendants,
     identity,
     import_closure,
@@ -169,3 +170,36 @@ def test_why_a_stage_needs_a_new_run(tags, params, reason):
     )
     assert why_new(previous, tags, params) == reason
     assert why_new(None, tags, params) == "it never finished in this experiment"
+
+
+def compression_plan(*overrides: str) -> list[str]:
+    cfg = load_config(DEMO_CONFIG, list(overrides))
+    return [f"{s.name}<{','.join(s.needs)}" for s in order(configured(STAGES, lambda s: getattr(cfg, s.section)))]
+
+
+def test_the_demo_runs_every_compression_stage_from_the_model_each_source_names():
+    assert compression_plan()[-4:] == [
+        "distill<prepare,train",
+        "prune<prepare,distill",
+        "quantize<prepare,prune",
+        "register<evaluate,quantize",
+    ]
+
+
+def test_a_switched_off_stage_leaves_the_plan_and_a_source_can_skip_it():
+    plan = compression_plan("distill.enabled=false", "prune.source=train", "registry.enabled=false")
+    assert [step.split("<")[0] for step in plan][-2:] == ["prune", "quantize"]
+    assert "prune<prepare,train" in plan
+
+
+def test_a_source_that_is_switched_off_is_a_one_line_error():
+    with pytest.raises(PlanError, match=r"stage 'prune' uses 'distill', which is off .* prune.source"):
+        compression_plan("distill.enabled=false")
+
+
+def test_compression_is_off_unless_a_config_turns_it_on():
+    from pipelines.config import PipelineConfig
+
+    cfg = PipelineConfig(name="plain")
+    stages = [s.name for s in configured(STAGES, lambda s: getattr(cfg, s.section))]
+    assert stages == ["ingest", "shard", "prepare", "train", "evaluate"]

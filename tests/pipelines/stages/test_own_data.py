@@ -15,7 +15,7 @@ from pipelines.config import load_config
 from pipelines.runner import run_pipeline
 from pipelines.scaffold import render
 from pipelines.survey import survey
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import DEMO_CONFIG, NO_COMPRESSION
 from tests.pipelines import own_data
 
 # Small and quick: the tiny model, a few steps, one train worker.
@@ -88,6 +88,7 @@ def test_both_kinds_without_questions_under_the_demo_config(tmp_path, ray_cluste
     # (a tower without a gradient on one rank only made ZeRO-2's reduction abort the process
     # before ObjectiveModule.every_parameter).
     overrides = (
+        *NO_COMPRESSION,
         "ingest.source=jsonl",
         "prepare.max_audio_seconds=2.0",
         "shard.splits={train: 0.7, val: 0.1, test: 0.2}",

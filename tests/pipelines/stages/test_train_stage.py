@@ -17,7 +17,7 @@ from model.io import load
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
 from pipelines.storage import Storage
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import DEMO_CONFIG, NO_COMPRESSION
 
 TINY = [
     "train.model.size=tiny",
@@ -64,6 +64,7 @@ def overrides(root, *extra: str) -> list[str]:
         "shard.splits={train: 0.8, val: 0.1, test: 0.1}",
         "prepare.image_size=32",
         "prepare.preview_samples=2",
+        *NO_COMPRESSION,
         *TINY,
         *extra,
     ]

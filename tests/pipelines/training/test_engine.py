@@ -68,11 +68,44 @@ def worker(rank: int, out: str, port: int) -> None:
         losses.append(float(loss))
     result["losses"] = losses
     result["weight_dtypes"] = sorted({str(p.dtype) for p in engine.module.parameters()})
+    result |= distillation_engine(model_cfg, Path(out).parent)
     Path(out).write_text(json.dumps(result))
 
 
+def distillation_engine(teacher_cfg, folder: Path) -> dict:
+    """A student engine given a DistillationObjective: what trains, what stays, what is saved."""
+    from model.config import DistillWeights, model_config
+    from model.distill import DistillationObjective
+    from model.multimodal import CrossModalModel
+    from model.objectives import MultiTaskObjective
+    from model.synthetic import synthetic_batch
+    from pipelines.training.engine import consolidate, initialize
+
+    teacher = CrossModalModel(teacher_cfg)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_cfg = model_config("tiny", num_answers=37, embed_dim=32, text={"width": 32, "depth": 1, "heads": 2})
+    cfg = TrainConfig(zero_stage=2, precision="fp32", micro_batch=4, warmup_steps=0)
+    objective = DistillationObjective(teacher, MultiTaskObjective(cfg.losses.weights()), DistillWeights(), 32)
+    projection_before = objective.projections["text"].weight.detach().clone()
+    engine, _ = initialize(CrossModalModel(student_cfg), cfg, 1, objective=objective)
+    batch = synthetic_batch(student_cfg, 4)
+    for _ in range(2):
+        loss, parts = engine(batch)
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(str(folder / "distilled"), tag="step2")
+    saved = consolidate(folder / "distilled", 2)
+    return {
+        "kd_parts": sorted(k for k in parts if k.startswith("kd_")),
+        "projection_moved": not torch.equal(objective.projections["text"].weight.detach(), projection_before),
+        "teacher_unchanged": all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items()),
+        "teacher_seconds": objective.teacher_seconds,
+        "saved_keys_outside_model": sorted(k for k in saved if k not in CrossModalModel(student_cfg).state_dict()),
+    }
+
+
 @pytest.mark.spawn
-def test_zero2_parameters_start_aligned_and_bf16_mixed_learns(tmp_path):
+def test_zero2_parameters_start_aligned_bf16_mixed_learns_and_a_teacher_can_be_given(tmp_path):
     out = tmp_path / "result.json"
     mp.spawn(worker, args=(str(out), free_port()), nprocs=1, join=True)
     result = json.loads(out.read_text())
@@ -81,6 +114,11 @@ def test_zero2_parameters_start_aligned_and_bf16_mixed_learns(tmp_path):
     assert result["odd_sized"] > 0 and result["misaligned"] == []
     assert result["weight_dtypes"] == ["torch.float32"]
     assert all(map(lambda v: v == v, result["losses"])) and result["losses"][-1] < 0.9 * result["losses"][0]
+    # Distillation through the same engine: the projections train, the teacher is untouched,
+    # the consolidated checkpoint is the student alone.
+    assert result["kd_parts"] == ["kd_answers", "kd_embedding", "kd_similarity", "kd_tokens"]
+    assert result["projection_moved"] and result["teacher_unchanged"] and result["teacher_seconds"] > 0
+    assert result["saved_keys_outside_model"] == []
 
 
 def test_auto_precision_takes_bf16_only_where_it_is_faster_and_all_ranks_agree():

@@ -1,0 +1,110 @@
+"""One training run on Ray Train: DeepSpeed workers over the prepared stream, checkpoints
+under the storage root, the stage's MLflow run as the place metrics go. The train, distill and
+prune stages all train through here (and so through the same loop), each with its own model,
+starting weights and objective.
+
+Checkpoints live under <storage root>/ray_train/<stage>-<identity>: a worker that dies is
+replaced and training continues from the latest checkpoint (FailureConfig), and a re-run of
+the pipeline after the driver died resumes there too (Ray Train resumes a run name it finds);
+`--force` / `--from` start over instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+from pipelines.config.train import LoopConfig
+from pipelines.dag import StageContext, StageError
+from pipelines.data.dataset import DatasetSpec, EpochClock, build_dataset, limit_data_cpus
+from pipelines.training.engine import consolidate
+from pipelines.training.ray_worker import train_loop_per_worker
+
+
+@dataclass
+class Fitted:
+    state: dict[str, torch.Tensor]  # the model's consolidated fp32 weights
+    steps: int
+    checkpoint: str  # where the last checkpoint is (URI)
+    metrics: dict[str, float]  # the last metrics the workers reported
+
+
+class TrainingFailed(RuntimeError):
+    """Training failed on a worker or the controller; the message names the root cause."""
+
+
+def fit(
+    cfg: LoopConfig,
+    model_cfg: ModelConfig,
+    spec: DatasetSpec,
+    ctx: StageContext,
+    *,
+    init: str | None = None,
+    teacher: str | None = None,
+    distill: dict | None = None,
+) -> Fitted:
+    """Train `model_cfg` (from random weights, or from the model folder `init`) on the prepared
+    train split; with `teacher` (a model folder) and `distill` (DistillWeights as a dict) the
+    loss adds the teacher's."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    limit_data_cpus(spec.data_cpus, progress_bars=False)
+    clock = EpochClock.remote(0)
+    try:
+        train_data = build_dataset(spec, "train", epoch=clock, epochs=cfg.stream_epochs)
+    except ValueError as err:  # settings that do not fit together, e.g. stream_epochs with a materialised split
+        raise StageError(f"{ctx.stage}: {err}") from None
+    checkpoints = ctx.storage.child("ray_train")
+    run_name = f"{ctx.stage}-{ctx.identity[:16]}"
+    if ctx.forced and checkpoints.exists(run_name):  # a forced re-run trains from scratch
+        print(f"{ctx.stage}: --force: removing the checkpoints of the earlier run ({checkpoints.path(run_name)})")
+        checkpoints.remove_tree(run_name)
+    validate = "val" in spec.shards
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.loop().model_dump(mode="json"),
+            "model": model_cfg.to_dict(),
+            "init": init,
+            "teacher": teacher,
+            "distill": distill,
+            "clock": clock,
+            "tracking_uri": ctx.tracking_uri,
+            "run_id": ctx.run_id,
+            "validate": validate,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        datasets={"train": train_data} | ({"val": build_dataset(spec, "val")} if validate else {}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=checkpoints.uri,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingFailed(root_cause(result.error)) from result.error
+    if result.checkpoint is None:
+        raise StageError(f"{ctx.stage}: training ended without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = consolidate(folder, cfg.zero_stage)
+    metrics = dict(result.metrics or {})
+    return Fitted(state, int(metrics.get("step", 0)), result.checkpoint.path, metrics)
+
+
+def root_cause(error: BaseException) -> str:
+    """'worker 1: ValueError: ...' from Ray Train's wrapper exceptions."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank, cause = sorted(failures.items())[0]
+        lines = str(cause).strip().splitlines()
+        return f"worker {rank}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+    cause = getattr(error, "controller_failure", error)
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
