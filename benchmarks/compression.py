@@ -105,14 +105,7 @@ def from_demo_run(cfg, count: int):
 
 def synthetic(cfg, folder: Path):
     """Random-weight teacher and student at the config's shapes, pruned and quantized here."""
-    sizes = dict(
-        vocab_size=cfg.prepare.vocab_size,
-        num_answers=32,
-        max_text_len=cfg.prepare.max_text_len,
-        image_size=cfg.prepare.image_size,
-        sample_rate=cfg.prepare.sample_rate,
-        audio_seconds=cfg.prepare.max_audio_seconds,
-    )
+    sizes = cfg.prepare.model_sizes() | {"num_answers": 32}
     tokenizer = Tokenizer.train(["a red circle", "a blue square"], vocab_size=300)
     teacher = CrossModalModel(chosen_model(cfg.train, **sizes)).eval()
     student = CrossModalModel(chosen_model(cfg.distill, **sizes)).eval()

@@ -127,23 +127,11 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """`depth` blocks and a final LayerNorm."""
+    """`depth` blocks and a final LayerNorm; `block`: Block's keyword arguments."""
 
-    def __init__(
-        self,
-        width: int,
-        depth: int,
-        heads: int,
-        mlp_ratio: float = 4.0,
-        cross: bool = False,
-        dropout: float = 0.0,
-        head_dim: int | None = None,
-        mlp_hidden: int | None = None,
-    ):
+    def __init__(self, width: int, depth: int, heads: int, **block):
         super().__init__()
-        self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, cross, dropout, head_dim, mlp_hidden) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(Block(width, heads, **block) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
 
     @classmethod
@@ -153,11 +141,11 @@ class Stack(nn.Module):
             tower.width,
             tower.depth if depth is None else depth,
             tower.heads,
-            tower.mlp_ratio,
-            cross,
-            dropout,
-            tower.head_dim,
-            tower.mlp_hidden,
+            mlp_ratio=tower.mlp_ratio,
+            cross=cross,
+            dropout=dropout,
+            head_dim=tower.head_dim,
+            mlp_hidden=tower.mlp_hidden,
         )
 
     def forward(self, x, mask=None, context=None, context_mask=None, causal=False):

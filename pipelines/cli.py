@@ -86,6 +86,13 @@ def command_run(args) -> int:
     print(f"results under {outcome.storage_uri}")
     print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}")
     print(f"open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1)")
+    registered = outcome.by_name().get("register")
+    if registered is not None and registered.state in ("ran", "reused"):
+        from pipelines.runner import stage_summary
+
+        summary = stage_summary(registered.output_uri)
+        print(f"registered model: {summary['model']} (version {summary['version']}, the {summary['final']} model)")
+        print(f"serve it: {summary['serve']}")
     failure = outcome.failure
     if failure is not None:
         print(f"crossmodal: stage '{failure.name}' failed: {failure.error}", file=sys.stderr)

@@ -123,6 +123,11 @@ def finished_result(lineage: Lineage, ident: str) -> tuple[str, str, StageResult
     return record.run_id, record.output_uri, StageResult.from_json(marker["result"])
 
 
+def stage_summary(output_uri: str) -> dict:
+    """The summary a finished stage left beside its outputs."""
+    return Storage(output_uri).read_json(MARKER)["result"].get("summary", {})
+
+
 def plan_state(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[tuple[Stage, str, tuple | None]]:
     """Each stage the config runs, in order, with its identity and its finished run (run id,
     output uri, result) if one with that identity exists: what `crossmodal stages` prints."""

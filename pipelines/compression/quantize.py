@@ -52,6 +52,7 @@ from pipelines.errors import UserError
 ROUTES = ("torch_int8", "onnx_int8")
 FORMAT = "crossmodal-quantized/1"
 MARKER = "quantized.json"
+EXPORT_TOLERANCE = 1e-2  # largest FP32 export error relative to the largest output (demo conv tower: 1.3e-3)
 WEIGHTS = "weights.safetensors"
 ONNX_MODES = ("dynamic", "static")
 INT8_KEYS = ("weight_int8", "weight_scale", "weight_zero_point")
@@ -302,9 +303,14 @@ def check_export(route: str, modality: str, model, graph: bytes, example: dict) 
     got = session(graph, 1).run(["tokens", "pooled", "aligned"], feeds(modality, inputs))
     for name, want, have in zip(("tokens", "pooled", "aligned"), expected, got):
         have = torch.from_numpy(have)
-        if have.shape != want.shape or not torch.allclose(have, want, atol=1e-3, rtol=1e-3):
-            error = (have - want).abs().max().item() if have.shape == want.shape else f"shape {tuple(have.shape)}"
-            raise QuantizeError(route, f"the exported {modality} graph disagrees with PyTorch on {name} ({error})")
+        if have.shape != want.shape:
+            raise QuantizeError(route, f"the exported {modality} graph gives {name} of shape {tuple(have.shape)}")
+        # Relative to the outputs' scale: onnxruntime's and torch's FP32 kernels sum in other
+        # orders, and GroupNorm amplifies it (the demo conv tower: 0.0055 on tokens up to 4.3); an exporter
+        # bug is off by the outputs' own size.
+        error = (have - want).abs().max().item() / max(1.0, want.abs().max().item())
+        if error > EXPORT_TOLERANCE:
+            raise QuantizeError(route, f"the exported {modality} graph disagrees with PyTorch on {name} ({error:.2g})")
 
 
 def quantize_graph(graph: bytes, mode: str, calibration: list[dict]) -> bytes:

@@ -69,21 +69,12 @@ class PipelineConfig(Strict):
     def _model_fits_the_data(self) -> None:
         """The models train.model and distill.model choose must be buildable at the sizes
         prepare decodes to."""
-        prepare = self.prepare
         for name in ("train", "distill"):
             section = getattr(self, name)
             if name == "distill" and not section.enabled:
                 continue
             try:
-                chosen_model(
-                    section,
-                    vocab_size=prepare.vocab_size,
-                    num_answers=prepare.max_answers,
-                    max_text_len=prepare.max_text_len,
-                    image_size=prepare.image_size,
-                    sample_rate=prepare.sample_rate,
-                    audio_seconds=prepare.max_audio_seconds,
-                )
+                chosen_model(section, **self.prepare.model_sizes())
             except (ValueError, TypeError) as err:
                 raise AgreementError(
                     f"{name}.model does not fit the prepared data: {err}", (f"{name}.model", "prepare.image_size")

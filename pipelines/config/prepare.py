@@ -139,3 +139,15 @@ class PrepareConfig(Strict):
     @property
     def member_limit(self) -> int:
         return int((self.max_member_mb or DEFAULT_MEMBER_MB) * 2**20)
+
+    def model_sizes(self) -> dict:
+        """The ModelConfig fields this section fixes (the largest vocabulary and answer set the
+        data may give; the train stage uses what the prepared data really has)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "num_answers": self.max_answers,
+            "max_text_len": self.max_text_len,
+            "image_size": self.image_size,
+            "sample_rate": self.sample_rate,
+            "audio_seconds": self.max_audio_seconds,
+        }

@@ -59,7 +59,12 @@ def register(cfg: RegisterConfig, ctx: StageContext) -> StageResult:
     return StageResult(
         outputs={"model": alias_uri, "version_uri": uri},
         metrics={"version": version} | {f"{k}": v for k, v in metrics.items()},
-        summary={"model": alias_uri, "version": version, "final": final},
+        summary={
+            "model": alias_uri,
+            "version": version,
+            "final": final,
+            "serve": serve_command(alias_uri, ctx.tracking_uri),
+        },
         tables={"compression": table},
         artifacts=artifacts,
     )

@@ -223,15 +223,7 @@ def test_nightly_builds_the_base_model_for_224_pixel_images_and_10_s_audio():
     assert (prepare.image_size, prepare.max_audio_seconds, prepare.sample_rate) == (224, 10.0, 16000)
     assert (prepare.vocab_size, prepare.max_text_len, prepare.max_answers) == (32000, 77, 3129)
     assert prepare.augment.text.p_synonym == 0.0  # the shipped synonym table is the demo world's
-    model = chosen_model(
-        cfg.train,
-        vocab_size=prepare.vocab_size,
-        num_answers=prepare.max_answers,
-        max_text_len=prepare.max_text_len,
-        image_size=prepare.image_size,
-        sample_rate=prepare.sample_rate,
-        audio_seconds=prepare.max_audio_seconds,
-    )
+    model = chosen_model(cfg.train, **prepare.model_sizes())
     assert (model.size, model.image_encoder, model.patch_size, model.image_patches) == ("base", "vit", 16, 196)
     assert model.audio_samples == 160_000 and model.n_mels == 128
     assert 400e6 < parameter_counts(CrossModalModel(model))["total"] < 460e6
