@@ -86,5 +86,6 @@ def test_config_mistake_exits_2_before_anything_runs(tmp_path):
     assert unknown.returncode == 2
     assert (
         unknown.stderr.strip()
-        == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train, evaluate, distill, prune, quantize, register)"
+        == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train, evaluate, "
+        "distill, prune, quantize, register)"
     )
