@@ -59,7 +59,6 @@ def scoring_config(section) -> EvaluateConfig:
 def figures_of(uri: str, spec: DatasetSpec, section, scored: bool = True) -> dict[str, float]:
     """A model's cost figures and (when `scored`) its task metrics on the evaluate split."""
     folder = local_folder(uri)
-    saved = load_any(folder)
     batches = test_batches(spec, section)
     cost = measure.measure(folder, batches, threads=section.measure.threads, repeats=section.measure.repeats)
     figures = {
@@ -71,7 +70,7 @@ def figures_of(uri: str, spec: DatasetSpec, section, scored: bool = True) -> dic
         "threads": cost.threads,
     }
     if scored:
-        metrics, _ = score(saved, spec, scoring_config(section))
+        metrics, _ = score(load_any(folder), spec, scoring_config(section))
         figures |= metrics
     return figures
 

@@ -25,6 +25,7 @@ from pipelines.evaluation.plots import example_grid, recall_curves, similarity_h
 from pipelines.evaluation.report import evaluation_metrics, example_table
 from pipelines.inference.resolve import load_model
 from pipelines.inference.safety import SafetyFilter
+from pipelines.stages.models import prepared_spec
 from pipelines.storage import Storage
 
 HEADLINE = (
@@ -41,7 +42,7 @@ HEADLINE = (
 
 
 def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
-    spec = DatasetSpec(**Storage(ctx.inputs["prepare"].outputs["spec"]).read_json())
+    spec = prepared_spec(ctx)
     ref = cfg.model or ctx.inputs["train"].outputs["model"]
     saved = load_stage_model(ref, ctx.tracking_uri)
     metrics, collected = score(saved, spec, cfg, SafetyFilter(cfg.safety), keep_media=cfg.max_samples or 100_000)

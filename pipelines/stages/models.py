@@ -4,14 +4,11 @@ under the storage root and reading one back."""
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 from model.io import SavedModel, save
 from pipelines.dag import StageContext, StageError
 from pipelines.data.dataset import DatasetSpec
 from pipelines.storage import Storage
-
-MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
 def prepared_spec(ctx: StageContext) -> DatasetSpec:
@@ -23,10 +20,6 @@ def store_model(saved: SavedModel, target: Storage) -> str:
     with tempfile.TemporaryDirectory() as folder:
         save(saved, folder)
         return target.upload(folder)
-
-
-def store_folder(folder: str | Path, target: Storage) -> str:
-    return target.upload(folder)
 
 
 def model_artifacts(uri: str, prefix: str = "model") -> dict[str, str]:
