@@ -16,7 +16,8 @@ from pipelines.errors import UserError
 USAGE_ERROR, STAGE_FAILED = 2, 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extensions=()) -> argparse.ArgumentParser:
+    """The pipeline's commands, the apps' and each extension module's (`add_commands(sub)`)."""
     parser = argparse.ArgumentParser(prog="crossmodal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,16 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./runs)")
     status.add_argument("-n", "--limit", type=int, default=10)
     apps_cli.add_commands(sub)
+    for extension in extensions:
+        extension.add_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extensions=()) -> int:
+    """`extensions`: modules with `add_commands(sub)` and `COMMANDS` (name -> handler(args) -> exit
+    code), e.g. the jobs package's submit, nightly and promote (see jobs/cli.py)."""
     env.configure()
-    args = build_parser().parse_args(argv)
+    args = build_parser(extensions).parse_args(argv)
     try:
         if args.command in apps_cli.COMMANDS:
             return apps_cli.run(args)
         commands = {"run": command_run, "stages": command_stages, "status": command_status, "init": command_init}
+        for extension in extensions:
+            commands |= extension.COMMANDS
         return commands[args.command](args)
     except UserError as err:  # config, plan, input, model reference, survey: one line, exit 2
         print(f"crossmodal: error: {err}", file=sys.stderr)

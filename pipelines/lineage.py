@@ -22,6 +22,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from pipelines.config.services import MlflowConfig
 
 KIND = "crossmodal.kind"
+# MLflow 3.17's UI opens an experiment without this tag in its GenAI view, where runs, metrics
+# and charts hide behind a toggle; with it the experiment opens on "Model training".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Set by `crossmodal submit` in the job's environment: the parent run carries it, so the
+# submitter finds the run its job created.
+JOB_ID_ENV = "CROSSMODAL_JOB_ID"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -96,18 +102,26 @@ class Lineage:
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            for key, value in EXPERIMENT_KIND.items():
+                if found.tags.get(key) != value:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         # Explicit location: an experiment first created inside a Ray worker would otherwise
         # put its artifacts in that worker's ephemeral session folder.
-        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri))
+        return self.client.create_experiment(
+            name, artifact_location=local_artifact_root(self.uri), tags=EXPERIMENT_KIND
+        )
 
     # -- pipeline runs ---------------------------------------------------------------------
-    def start_pipeline(self, name: str, config_yaml: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    def start_pipeline(
+        self, name: str, config_yaml: str, params: dict[str, str], tags: dict[str, str], run_name: str | None = None
+    ) -> str:
         commit, dirty = git_state()
         pid = os.getpid()
+        job = {"crossmodal.job_id": os.environ[JOB_ID_ENV]} if os.environ.get(JOB_ID_ENV) else {}
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            run_name=run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             tags={
                 KIND: "pipeline",
                 "crossmodal.pipeline": name,
@@ -117,6 +131,7 @@ class Lineage:
                 "crossmodal.host": socket.gethostname(),
                 "crossmodal.driver_pid": str(pid),
                 "crossmodal.driver_start": process_start(pid),
+                **job,
                 **tags,
             },
         )

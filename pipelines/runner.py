@@ -183,8 +183,11 @@ class Pipeline:
         from_stage=None,
         force=False,
         echo: Callable[[str], None] = print,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
     ):
         self.cfg, self.echo = cfg, echo
+        self.run_name, self.extra_tags = run_name, dict(tags or {})
         self.stages = order(configured(stages, lambda stage: getattr(cfg, stage.section)))
         self.chosen = select(self.stages, only, from_stage)
         self.needed = self.chosen | ancestors(self.stages, self.chosen)
@@ -210,7 +213,9 @@ class Pipeline:
                 "crossmodal.config_hash": self.cfg.digest(),
                 "crossmodal.plan": ",".join(plan),
                 "crossmodal.storage": self.storage.uri,
+                **self.extra_tags,
             },
+            run_name=self.run_name,
         )
         self.parent = parent
         outcome = PipelineOutcome(parent, "FINISHED", lineage.uri, self.storage.uri)

@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from pipelines.cli import build_parser
+from jobs.cli import build_parser
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from tests.conftest import REPO
 
