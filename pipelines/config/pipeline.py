@@ -12,6 +12,7 @@ from pipelines.config.base import AgreementError, Strict
 from pipelines.config.compress import DistillConfig, PruneConfig, QuantizeConfig, RegisterConfig
 from pipelines.config.evaluate import EvaluateConfig
 from pipelines.config.ingest import IngestConfig
+from pipelines.config.nightly import NightlyConfig
 from pipelines.config.prepare import PrepareConfig
 from pipelines.config.services import MlflowConfig, RayConfig, StorageConfig
 from pipelines.config.shard import ShardConfig
@@ -30,6 +31,8 @@ AGREEMENTS = (
         for stage in ("distill", "prune", "quantize")
         for key in ("split", "max_samples")
     ),
+    # The nightly guards the model the register stage registers.
+    (("nightly", "model"), ("registry", "name")),
 )
 
 
@@ -47,6 +50,7 @@ class PipelineConfig(Strict):
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     registry: RegisterConfig = RegisterConfig()
+    nightly: NightlyConfig = NightlyConfig()
 
     @model_validator(mode="after")
     def _sections_agree(self):

@@ -53,12 +53,19 @@ def ingest(cfg: IngestConfig, ctx: StageContext) -> StageResult:
         reasons.update(r["reason"] for r in part["rejected"])
         rejected.extend(part["rejected"])
     ctx.output.write_bytes("".join(json.dumps(r) + "\n" for r in rejected).encode(), "quarantine.jsonl")
+    ctx.output.write_json(
+        {"source": cfg.source, "path": cfg.path, "files": source_listing(cfg) or []}, "source_index.json"
+    )
     metrics = {"samples": samples, "rejected": len(rejected), "parts": len(units)}
     metrics |= {f"rejected.{reason}": n for reason, n in reasons.items()}
     metrics |= {f"samples.{combo}": n for combo, n in combos.items()}
     print(f"ingest: {samples} samples in {len(units)} parts, {len(rejected)} rejected {dict(reasons) or ''}")
     return StageResult(
-        outputs={"parts": ctx.output.child("parts").uri, "quarantine": ctx.output.uri + "/quarantine.jsonl"},
+        outputs={
+            "parts": ctx.output.child("parts").uri,
+            "quarantine": ctx.output.uri + "/quarantine.jsonl",
+            "source_index": ctx.output.uri + "/source_index.json",
+        },
         metrics=metrics,
         summary={"samples": samples, "rejected": dict(reasons), "combinations": dict(combos)},
         tables={"rejected": rejected[:5000]},
@@ -67,22 +74,33 @@ def ingest(cfg: IngestConfig, ctx: StageContext) -> StageResult:
 
 def source_fingerprint(cfg: IngestConfig) -> str:
     """Digest of the user's data as the filesystem lists it (name, size, modification time):
-    editing, adding or removing a file changes it. For a manifest, the manifest itself and the
-    files its lines name, not the folder around it: a manifest in a working directory would
-    otherwise count the pipeline's own outputs there, which change while it runs. The demo
-    world is its config alone."""
+    editing, adding or removing a file changes it."""
     if cfg.source == "demo":
         return ""
+    listing = source_listing(cfg)
+    if listing is None:
+        return "missing"
+    return hashlib.sha256(json.dumps([[f["path"], f["size"], f["mtime_ns"]] for f in listing]).encode()).hexdigest()
+
+
+def source_listing(cfg: IngestConfig) -> list[dict] | None:
+    """The source's files (path, size, modification time), sorted; None if the source is
+    missing, [] for the demo world. For a manifest, the manifest itself and the files its lines
+    name, not the folder around it: a manifest in a working directory would otherwise count
+    the pipeline's own outputs there, which change while it runs. The ingest stage keeps it as
+    `source_index.json`, so a later run can tell which files are new (the nightly does)."""
+    if cfg.source == "demo":
+        return []
     source = Storage(cfg.path)
     info = source.fs.get_file_info(source.path())
     if info.type == pafs.FileType.NotFound:
-        return "missing"
+        return None
     if cfg.source == "jsonl" and info.is_file:
         files = [info, *manifest_media(source)]
     else:
         files = [info] if info.is_file else source.fs.get_file_info(pafs.FileSelector(source.path(), recursive=True))
-    listing = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    found = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
+    return [{"path": path, "size": size, "mtime_ns": mtime} for path, size, mtime in found]
 
 
 def manifest_media(manifest: Storage) -> list[pafs.FileInfo]:
