@@ -75,7 +75,7 @@ class NightlyConfig(Strict):
     champion_alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     warm_start: bool = Field(False, description="train from the champion's weights instead of from scratch")
     lease_seconds: float = Field(
-        600.0, ge=10, description="the nightly's lock expires this long after its holder's last renewal"
+        180.0, ge=10, description="the nightly's lock expires this long after its holder's last renewal"
     )
     benchmark: BenchmarkConfig = BenchmarkConfig()
     gate: GateConfig = GateConfig()
