@@ -13,7 +13,7 @@ import sys
 from pipelines import cli as pipelines_cli
 
 # Each module: add_commands(subparsers) and COMMANDS {name: handler(args) -> exit code}.
-EXTENSIONS = ()
+EXTENSIONS = ("jobs.ray_jobs",)
 
 
 def extensions() -> list:
