@@ -1,5 +1,6 @@
 # crossmodal: `make demo`, `make test`, `make ui`. Each sets up .venv first (once; again only
 # when pyproject.toml changes). `make lint` checks style (ruff); CI runs it before the tests.
+# `make cluster-up` / `make cluster-down`: a local Ray head + MLflow server for `crossmodal submit`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ UI_PORT ?= 5000
 TORCH := torch==2.13.0
 PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install --progress-bar off
 
-.PHONY: setup demo test test-fast lint ui clean
+.PHONY: setup demo test test-fast lint ui clean cluster-up cluster-down
 
 setup: $(STAMP)
 
@@ -42,6 +43,14 @@ lint: setup
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
 		--backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# A Ray head with its dashboard and an MLflow server on 127.0.0.1, state and logs in runs/cluster
+# (ports: RAY_DASHBOARD_PORT, MLFLOW_PORT); `up` prints the exports `crossmodal submit` needs.
+cluster-up: setup
+	CROSSMODAL_BIN=$(abspath $(BIN)) CLUSTER_DIR=$(abspath $(RUNS))/cluster infra/local/cluster.sh up
+
+cluster-down:
+	CROSSMODAL_BIN=$(abspath $(BIN)) CLUSTER_DIR=$(abspath $(RUNS))/cluster infra/local/cluster.sh down
 
 clean:
 	rm -rf $(RUNS)

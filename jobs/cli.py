@@ -13,7 +13,7 @@ import sys
 from pipelines import cli as pipelines_cli
 
 # Each module: add_commands(subparsers) and COMMANDS {name: handler(args) -> exit code}.
-EXTENSIONS = ("jobs.operate",)
+EXTENSIONS = ("jobs.ray_jobs", "jobs.operate")
 
 
 def extensions() -> list:

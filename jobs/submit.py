@@ -3,20 +3,24 @@
     python -m jobs.submit CONFIG --address http://<head>:8265 [--set k=v ...] [--only a,b]
                                  [--from STAGE] [--force] [--wait]
 
-The config is validated here first, so a mistake fails on your laptop, not on the cluster.
-The project folder travels as the job's working_dir (without .venv, runs/ and .git); the
-cluster's image must have the dependencies installed (see infra/Dockerfile).
+The same as `crossmodal submit` (jobs/ray_jobs.py), which this module's main() runs. The config
+is validated here first, so a mistake fails on your laptop, not on the cluster. The project
+folder travels as the job's working_dir (without .venv, runs/ and .git); the cluster's image
+must have the dependencies installed (see infra/Dockerfile).
 Exit codes: 0 submitted (or, with --wait, succeeded), 1 the job failed, 2 a usage mistake.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import getpass
 import os
+import secrets
 import shlex
 import sys
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines import env
@@ -26,6 +30,8 @@ EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pyte
 AGENT_WAIT_S = 60.0
 # Forwarded to the job when set here, so the job logs to the same MLflow server.
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Job metadata keys; `crossmodal jobs list` marks the jobs that carry CONFIG_KEY.
+CONFIG_KEY = "crossmodal.config"
 
 
 def entrypoint(config: str, overrides=(), only: str | None = None, from_stage: str | None = None, force=False) -> str:
@@ -50,78 +56,117 @@ def relative_config(config: str) -> str:
     return path.relative_to(PROJECT).as_posix()
 
 
-def runtime_env() -> dict:
+def new_job_id() -> str:
+    """Chosen here, not by Ray, so the job's environment can carry it to its MLflow run."""
+    return f"crossmodal-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def runtime_env(job_id: str | None = None) -> dict:
+    from pipelines.lineage import JOB_ID_ENV  # imports mlflow: only when submitting
+
     env_vars = env.project_env() | {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    if job_id:
+        env_vars[JOB_ID_ENV] = job_id
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars}
 
 
-def submit(address: str, config: str, overrides=(), only=None, from_stage=None, force=False):
-    """Validate the config here, then submit; returns (client, job id)."""
-    from ray.job_submission import JobSubmissionClient
+def job_metadata(config: str, experiment: str, tracking: str | None) -> dict[str, str]:
+    """What `crossmodal jobs` shows and uses later: whose run of which config, where it logs."""
+    from pipelines.lineage import git_state
 
+    commit, dirty = git_state()
+    meta = {
+        CONFIG_KEY: config,
+        "crossmodal.user": getpass.getuser(),
+        "crossmodal.git_commit": commit + ("-dirty" if dirty else ""),
+        "crossmodal.experiment": experiment,
+    }
+    if tracking:
+        meta["crossmodal.tracking_uri"] = tracking
+    return meta
+
+
+@dataclass
+class Submission:
+    client: object  # ray.job_submission.JobSubmissionClient
+    job_id: str
+    cfg: object  # pipelines.config.PipelineConfig, as loaded here with the overrides
+
+
+def submit(address: str, config: str, overrides=(), only=None, from_stage=None, force=False, connect=None):
+    """Validate the config here, then connect (`connect(address)` -> client) and submit under an
+    id of ours; returns a Submission. The config is checked first: a mistake needs no cluster."""
+    from jobs.job_runs import job_tracking_uri
     from pipelines.config import load_config
 
-    load_config(config, overrides)
-    command = entrypoint(relative_config(config), overrides, only, from_stage, force)
-    client = JobSubmissionClient(address)
+    cfg = load_config(config, overrides)
+    relative = relative_config(config)
+    command = entrypoint(relative, overrides, only, from_stage, force)
+    if connect is None:
+        from ray.job_submission import JobSubmissionClient as connect
+    client = connect(address)
+    job_id = new_job_id()
+    metadata = job_metadata(relative, cfg.mlflow.experiment, job_tracking_uri(cfg.mlflow)[0])
     # A head that has just started answers before its job agent registers ("No available
     # agent to submit job, please try again later"): retry that, and only that, for a while.
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            return client, client.submit_job(
-                entrypoint=command, runtime_env=runtime_env(), metadata={"crossmodal.config": config}
+            client.submit_job(
+                entrypoint=command, submission_id=job_id, runtime_env=runtime_env(job_id), metadata=metadata
             )
+            return Submission(client, job_id, cfg)
         except RuntimeError as err:
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
 
 
-async def _tail(client, job_id: str) -> None:
-    async for lines in client.tail_job_logs(job_id):
-        print(lines, end="", flush=True)
-
-
-def follow(client, job_id: str) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
-    asyncio.run(_tail(client, job_id))
-    return str(client.get_job_status(job_id).value)
-
-
-def main(argv: list[str] | None = None) -> int:
-    env.configure()
-    parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.splitlines()[0])
-    parser.add_argument("config")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The submit command's arguments, shared by `crossmodal submit` and `python -m jobs.submit`."""
+    parser.add_argument("config", help="YAML config inside the project folder, e.g. pipelines/configs/demo.yaml")
     parser.add_argument(
         "--address",
         default=os.environ.get("RAY_ADDRESS"),
         help="Ray dashboard address, e.g. http://head:8265 (default: $RAY_ADDRESS)",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--only")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE")
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable); validated here before submitting",
+    )
+    parser.add_argument("--only", help="comma-separated stages to run")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and every stage after it")
+    parser.add_argument("--force", action="store_true", help="re-run the selected stages even if they finished")
     parser.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its result")
+    parser.add_argument(
+        "--run-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="without --wait: how long to wait for the job's MLflow run to print its link (default: 60)",
+    )
+    parser.add_argument(
+        "--no-run-link", action="store_true", help="do not look for the job's MLflow run (return at once)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs import ray_jobs
+    from pipelines.errors import UserError
+
+    env.configure()
+    parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.splitlines()[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.address:
-        print("jobs.submit: error: no cluster address: pass --address or set RAY_ADDRESS", file=sys.stderr)
-        return 2
-
-    from pipelines.config import ConfigError
-
     try:
-        client, job_id = submit(args.address, args.config, args.overrides, args.only, args.from_stage, args.force)
-    except (ConfigError, ValueError, ConnectionError, RuntimeError) as err:
-        print(f"jobs.submit: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return ray_jobs.command_submit(args)
+    except UserError as err:
+        print(f"jobs.submit: error: {err}", file=sys.stderr)
         return 2
-    print(f"submitted job {job_id} to {args.address}")
-    if not args.wait:
-        print(f"follow it: ray job logs --address {args.address} --follow {job_id}")
-        return 0
-    status = follow(client, job_id)
-    print(f"job {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
 
 
 if __name__ == "__main__":
