@@ -64,7 +64,7 @@ def new_job_id() -> str:
 def runtime_env(job_id: str | None = None) -> dict:
     from pipelines.lineage import JOB_ID_ENV  # imports mlflow: only when submitting
 
-    env_vars = env.project_env() | {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    env_vars = env.portable(env.project_env()) | {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
     if job_id:
         env_vars[JOB_ID_ENV] = job_id
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars}

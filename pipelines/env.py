@@ -40,13 +40,34 @@ def project_env() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
 
 
+# Values that depend on the machine a process runs on: chosen there (pipelines.patches.worker_setup
+# for Ray workers), never handed from a driver or a laptop to a cluster, unless the user set them.
+MACHINE_LOCAL = ("DS_ACCELERATOR",)
+_chosen_here: set[str] = set()
+
+
+def portable(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the machine-local values this process chose for itself: a CPU-only head
+    node or laptop must not tell GPU workers to run DeepSpeed on the CPU."""
+    return {key: value for key, value in env.items() if key not in MACHINE_LOCAL or key not in _chosen_here}
+
+
+def worker_defaults() -> None:
+    """The machine-local values for a process that was handed none (a Ray worker)."""
+    if "DS_ACCELERATOR" not in os.environ and not _has_nvidia_gpu():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def configure() -> dict[str, str]:
-    """Apply `project_env()` to this process and return it (for Ray's runtime_env)."""
+    """Apply `project_env()` to this process and return what other processes should get (for
+    Ray's runtime_env: the machine-local values this process chose are left out)."""
     env = project_env()
     for key, value in env.items():
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            _chosen_here.add(key)
     # torch 2.13 warns on every DeepSpeed collective; hundreds of lines per run.
     warnings.filterwarnings(
         "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning
     )
-    return env
+    return portable(env)

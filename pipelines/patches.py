@@ -165,6 +165,9 @@ QUIET_THREADS = {"PlacementGroupCleanerMonitor": "Ray Train's placement-group cl
 def worker_setup() -> None:
     """Ray's worker_process_setup_hook (set by pipelines.runner.connect_ray): runs first in
     every worker process of the cluster the pipeline starts or joins."""
+    from pipelines import env
+
+    env.worker_defaults()
     if not supported("ray", RAY_VERSIONS, "Ray Train's cleaner thread may print a bare RpcError traceback"):
         return
     previous = threading.excepthook
