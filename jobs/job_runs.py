@@ -66,7 +66,7 @@ def find_parent_run(uri: str, experiment: str, job_id: str):
                 return None
             runs = client.search_runs(
                 [found.experiment_id],
-                f"tags.`crossmodal.job_id` = '{job_id}' and tags.`crossmodal.kind` = 'pipeline'",
+                f"tags.`crossmodal.job_id` = '{job_id}'",  # the pipeline's run, or a quiet night's
                 max_results=1,
             )
     except (MlflowException, OSError):

@@ -49,15 +49,18 @@ def trained_on(client, version) -> dict | None:
 
 def quiet_night(cfg: PipelineConfig, date: str, message: str) -> str:
     """A finished run named for the night, so the UI shows that the nightly ran and why it
-    trained nothing."""
-    from pipelines.lineage import KIND, Lineage
+    trained nothing (with the Ray job's id when it ran as one: `crossmodal submit` finds it)."""
+    import os
+
+    from pipelines.lineage import JOB_ID_ENV, KIND, Lineage
 
     lineage = Lineage(cfg.mlflow)
     run = lineage.client.create_run(
         lineage.experiment_id,
         run_name=f"nightly {date}",
         tags={KIND: "nightly", "crossmodal.nightly": date, "crossmodal.gate.decision": "no new data"}
-        | {"mlflow.note.content": message},
+        | {"mlflow.note.content": message}
+        | ({"crossmodal.job_id": os.environ[JOB_ID_ENV]} if os.environ.get(JOB_ID_ENV) else {}),
     )
     lineage.client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id

@@ -107,6 +107,7 @@ def command_submit(args) -> int:
             args.from_stage,
             args.force,
             connect=connect,
+            nightly=args.nightly,
         )
     except (ValueError, RuntimeError, OSError) as err:  # ConfigError is a ValueError
         if isinstance(err, JobsError):

@@ -34,8 +34,13 @@ FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_US
 CONFIG_KEY = "crossmodal.config"
 
 
-def entrypoint(config: str, overrides=(), only: str | None = None, from_stage: str | None = None, force=False) -> str:
-    args = ["python", "-m", "pipelines", "run", config]
+def entrypoint(
+    config: str, overrides=(), only: str | None = None, from_stage: str | None = None, force=False, nightly=False
+) -> str:
+    """The job's command: one pipeline run, or with `nightly` the nightly retrain (jobs/nightly.py)."""
+    if nightly and (only or from_stage or force):
+        raise ValueError("--nightly runs the whole pipeline: --only, --from and --force do not apply")
+    args = ["python", "-m", "jobs.nightly" if nightly else "pipelines", *([] if nightly else ["run"]), config]
     for override in overrides:
         args += ["--set", override]
     if only:
@@ -93,15 +98,19 @@ class Submission:
     cfg: object  # pipelines.config.PipelineConfig, as loaded here with the overrides
 
 
-def submit(address: str, config: str, overrides=(), only=None, from_stage=None, force=False, connect=None):
+def submit(
+    address: str, config: str, overrides=(), only=None, from_stage=None, force=False, connect=None, nightly=False
+):
     """Validate the config here, then connect (`connect(address)` -> client) and submit under an
     id of ours; returns a Submission. The config is checked first: a mistake needs no cluster."""
     from jobs.job_runs import job_tracking_uri
     from pipelines.config import load_config
 
     cfg = load_config(config, overrides)
+    if nightly and not cfg.registry.enabled:
+        raise ValueError(f"{config}: the nightly promotes registered models: set registry.enabled: true")
     relative = relative_config(config)
-    command = entrypoint(relative, overrides, only, from_stage, force)
+    command = entrypoint(relative, overrides, only, from_stage, force, nightly)
     if connect is None:
         from ray.job_submission import JobSubmissionClient as connect
     client = connect(address)
@@ -142,6 +151,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run STAGE and every stage after it")
     parser.add_argument("--force", action="store_true", help="re-run the selected stages even if they finished")
     parser.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its result")
+    parser.add_argument(
+        "--nightly", action="store_true", help="run the nightly retrain (crossmodal nightly) as the job instead"
+    )
     parser.add_argument(
         "--run-timeout",
         type=float,

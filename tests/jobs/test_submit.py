@@ -78,3 +78,17 @@ def test_submit_and_wait_runs_the_pipeline_on_the_cluster(tmp_path, capsys):
     [parent] = client.search_runs([experiment.experiment_id], "tags.`crossmodal.kind` = 'pipeline'")
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["crossmodal.plan"] == "ingest"
+
+
+def test_the_nightly_is_submitted_as_its_own_entry_point():
+    command = submit.entrypoint("pipelines/configs/nightly.yaml", ["nightly.warm_start=true"], nightly=True)
+    assert shlex.split(command) == [
+        "python",
+        "-m",
+        "jobs.nightly",
+        "pipelines/configs/nightly.yaml",
+        "--set",
+        "nightly.warm_start=true",
+    ]
+    with pytest.raises(ValueError, match="--nightly runs the whole pipeline"):
+        submit.entrypoint("pipelines/configs/nightly.yaml", only="train", nightly=True)
