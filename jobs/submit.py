@@ -107,6 +107,10 @@ def submit(
     from pipelines.config import load_config
 
     cfg = load_config(config, overrides)
+    pinned = absolute_paths(cfg, address)
+    if pinned:
+        overrides = [*overrides, *pinned]
+        cfg = load_config(config, overrides)
     if nightly and not cfg.registry.enabled:
         raise ValueError(f"{config}: the nightly promotes registered models: set registry.enabled: true")
     relative = relative_config(config)
@@ -129,6 +133,28 @@ def submit(
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+
+
+def absolute_paths(cfg, address: str) -> list[str]:
+    """A job runs in a temporary copy of the project, so a relative storage root (or local
+    MLflow store) would put its results there. On a cluster on this machine they become the
+    absolute paths they name here (overrides to add); on any other cluster that is an error."""
+    from urllib.parse import urlparse
+
+    relative = {"storage.root": cfg.storage.root}
+    if not cfg.mlflow.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        relative["mlflow.local_store"] = cfg.mlflow.local_store
+    relative = {key: value for key, value in relative.items() if "://" not in value and not Path(value).is_absolute()}
+    if not relative:
+        return []
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        key, value = next(iter(relative.items()))
+        raise ValueError(
+            f"{key} {value} is relative: on the cluster it would land in the job's temporary working_dir; "
+            "use storage every node sees (s3://..., a shared mount) and an MLflow server (MLFLOW_TRACKING_URI)"
+        )
+    return [f"{key}={Path(value).resolve()}" for key, value in relative.items()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

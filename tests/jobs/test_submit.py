@@ -92,3 +92,20 @@ def test_the_nightly_is_submitted_as_its_own_entry_point():
     ]
     with pytest.raises(ValueError, match="--nightly runs the whole pipeline"):
         submit.entrypoint("pipelines/configs/nightly.yaml", only="train", nightly=True)
+
+
+def test_relative_result_folders_become_absolute_on_a_local_cluster_and_are_refused_on_a_remote_one(monkeypatch):
+    from pipelines.config import load_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(DEMO_CONFIG)  # storage.root runs/storage, sqlite store under runs
+    here = Path.cwd()
+    assert submit.absolute_paths(cfg, "http://127.0.0.1:8265") == [
+        f"storage.root={here / 'runs' / 'storage'}",
+        f"mlflow.local_store={here / 'runs'}",
+    ]
+    with pytest.raises(ValueError, match="storage.root runs/storage is relative: on the cluster it would land"):
+        submit.absolute_paths(cfg, "http://head.internal:8265")
+    shared = load_config(DEMO_CONFIG, ["storage.root=s3://bucket/x"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert submit.absolute_paths(shared, "http://head.internal:8265") == []
