@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 MODALITIES = ("text", "image", "audio")
 FUSIONS = ("early", "late", "hierarchical")
 IMAGE_ENCODERS = ("vit", "conv")
+# The layers LoRA adapts by default (model.lora): attention (qkv / q / kv / proj) and MLP
+# (fc1 / fc2) of the fusion encoder and the decoder. Here, not in model.lora, so the pipeline's
+# config can name it without importing torch.
+LORA_TARGETS = r"(fusion|decoder)\..*\.(qkv|q|kv|proj|fc1|fc2)"
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,11 @@ class Stage:
     # Which of `needs` this config uses (a compression stage's `source` picks one of several);
     # None: all of them. `needs` lists every possible input, so the registry orders them all.
     uses: Callable[[BaseModel], tuple[str, ...]] | None = None
+    # Keys of the section that name a model outside the pipeline (a folder, runs:/, models:/).
+    # What one names can change under the same name (an alias moves), so the runner pins each
+    # before any identity (`pipelines.inference.pin`): the stage reads the pinned reference and
+    # its identity follows what that names.
+    references: tuple[str, ...] = ()
 
 
 def configured(stages: list[Stage], section_of: Callable[[Stage], BaseModel]) -> list[Stage]:
@@ -245,8 +250,15 @@ def code_version(stage: Stage) -> str:
     return hashlib.sha256(path.read_bytes() + code_digest(modules).encode()).hexdigest()[:16]
 
 
-def identity(stage: Stage, section: BaseModel, input_identities: dict[str, str], storage_uri: str) -> str:
-    """Same identity <=> same config section, code, inputs, external data and storage root."""
+def identity(
+    stage: Stage,
+    section: BaseModel,
+    input_identities: dict[str, str],
+    storage_uri: str,
+    pinned: dict[str, str] | None = None,
+) -> str:
+    """Same identity <=> same config section, code, inputs, external data, storage root and
+    models its references name (`pinned`: key -> digest, for a section with its references pinned)."""
     payload = {
         "stage": stage.name,
         "config": section.model_dump(mode="json"),
@@ -255,4 +267,6 @@ def identity(stage: Stage, section: BaseModel, input_identities: dict[str, str],
         "external": stage.fingerprint(section) if stage.fingerprint else "",
         "storage": storage_uri,
     }
+    if pinned:  # only then: the identities of stages without references stay as they were
+        payload["pinned"] = dict(sorted(pinned.items()))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import ray
 import yaml
@@ -35,6 +36,7 @@ from pipelines.dag import (
     order,
     select,
 )
+from pipelines.inference.pin import pin, pin_section
 from pipelines.lineage import Lineage
 from pipelines.stages import STAGES
 from pipelines.storage import Storage
@@ -128,12 +130,23 @@ def stage_summary(output_uri: str) -> dict:
     return Storage(output_uri).read_json(MARKER)["result"].get("summary", {})
 
 
+def pinned_sections(cfg: PipelineConfig, stages: list[Stage], tracking_uri: str) -> dict[str, tuple]:
+    """stage name -> (its section with its model references pinned, {key: digest}); see
+    `Stage.references`. One lookup per reference for the whole run, before any stage runs, so
+    stages that name the same model (prepare's vocabulary, train's weights) read the same one."""
+    pin_ref = cache(lambda ref: pin(ref, tracking_uri))
+    return {s.name: pin_section(getattr(cfg, s.section), s.references, pin_ref, s.section) for s in stages}
+
+
 def plan_state(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[tuple[Stage, str, tuple | None]]:
     """Each stage the config runs, in order, with its identity and its finished run (run id,
     output uri, result) if one with that identity exists: what `crossmodal stages` prints."""
     lineage, storage, identities, out = Lineage(cfg.mlflow), Storage(cfg.storage.root), {}, []
-    for stage in order(configured(stages or STAGES, lambda s: getattr(cfg, s.section))):
-        ident = identity(stage, getattr(cfg, stage.section), {n: identities[n] for n in stage.needs}, storage.uri)
+    ordered = order(configured(stages or STAGES, lambda s: getattr(cfg, s.section)))
+    pinned = pinned_sections(cfg, ordered, lineage.uri)
+    for stage in ordered:
+        section, digests = pinned[stage.name]
+        ident = identity(stage, section, {n: identities[n] for n in stage.needs}, storage.uri, digests)
         identities[stage.name] = ident
         out.append((stage, ident, finished_result(lineage, ident)))
     return out
@@ -152,6 +165,13 @@ def why_new(previous, tags: dict[str, str], params: dict[str, str]) -> str:
         return f"its config changed {since}: {shown}" + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     if previous.data.tags.get("crossmodal.code_version") != tags.get("crossmodal.code_version"):
         return f"its code changed {since}"
+    moved = [
+        key.removeprefix("crossmodal.pinned.")
+        for key in sorted(tags)
+        if key.startswith("crossmodal.pinned.") and previous.data.tags.get(key) != tags[key]
+    ]
+    if moved:
+        return f"the model its {', '.join(moved)} names changed {since}"
     inputs = [
         key.split(".")[2]
         for key in sorted(tags)
@@ -202,6 +222,14 @@ class Pipeline:
     def run(self) -> PipelineOutcome:
         self.env_vars = env.configure()
         self.lineage = lineage = Lineage(self.cfg.mlflow)
+        # Before anything starts: a reference that names nothing is a one-line error, and every
+        # identity of this run follows what the references name now.
+        self.pinned = pinned_sections(self.cfg, self.stages, lineage.uri)
+        for stage in self.stages:
+            for key in stage.references:
+                given, pinned = getattr(getattr(self.cfg, stage.section), key), getattr(self.pinned[stage.name][0], key)
+                if given != pinned:
+                    self.echo(f"[{stage.name}] {stage.section}.{key} {given} is {pinned}")
         for stale in lineage.close_abandoned():
             self.echo(f"marked run {stale} KILLED: its driver is gone")
         plan = [s.name for s in self.stages if s.name in self.needed]
@@ -248,11 +276,12 @@ class Pipeline:
         if blocked:
             self.echo(f"[{stage.name}] skipped: needs {', '.join(blocked)}, which did not finish")
             return StageOutcome(stage.name, "skipped")
-        section = getattr(self.cfg, stage.section)
-        ident = identity(stage, section, {n: self.identities[n] for n in stage.needs}, self.storage.uri)
+        section, pinned = self.pinned[stage.name]
+        ident = identity(stage, section, {n: self.identities[n] for n in stage.needs}, self.storage.uri, pinned)
         self.identities[stage.name] = ident
         inputs = {n: self.results[n] for n in stage.needs}
         tags = {"crossmodal.code_version": code_version(stage)}
+        tags |= {f"crossmodal.pinned.{key}": digest for key, digest in pinned.items()}
         tags |= {
             f"crossmodal.input.{need}.{name}": uri
             for need in stage.needs

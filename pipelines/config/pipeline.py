@@ -25,6 +25,8 @@ AGREEMENTS = (
     (("ingest", "demo", "sample_rate"), ("prepare", "sample_rate")),
     (("ingest", "demo", "audio_seconds"), ("prepare", "max_audio_seconds")),
     (("prepare", "max_member_mb"), ("ingest", "max_member_mb")),
+    # A model trains on token ids and answer indices of its own vocabulary.
+    (("prepare", "vocabulary_from"), ("train", "init_from")),
     # Every model is scored on the same split and samples: one candidate set for all.
     *(
         ((stage, key), ("evaluate", key))

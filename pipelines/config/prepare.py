@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from pipelines.config.base import Strict
 from pipelines.config.ingest import DEFAULT_MEMBER_MB
+from pipelines.config.reference import model_reference
 
 # The word tables shipped with the project (synonyms, contrast words for negative captions).
 DATA_TABLES = Path(__file__).resolve().parent.parent / "data"
@@ -129,12 +130,23 @@ class PrepareConfig(Strict):
     max_member_mb: float | None = Field(None, gt=0, description="from ingest.max_member_mb")
     vocab_size: int = Field(1024, ge=300, le=200_000)
     max_answers: int = Field(1000, ge=1)
+    # Fine-tuning needs the token ids and answer indices the model was trained with.
+    vocabulary_from: str | None = Field(
+        None,
+        description="from train.init_from: take that model's tokenizer and answer list instead of learning them "
+        "(vocab_size and max_answers then do not apply); train answers not in its list are out of vocabulary",
+    )
     augment: AugmentConfig = AugmentConfig()
     balance: BalanceConfig = BalanceConfig()
     materialize: bool = False
     data_cpus: float = Field(2.0, gt=0, description="CPUs Ray Data may hold, so train workers keep theirs")
     batch_size: int = Field(32, ge=1)
     preview_samples: int = Field(8, ge=0, le=32)
+
+    @field_validator("vocabulary_from")
+    @classmethod
+    def _reference(cls, ref: str | None) -> str | None:
+        return model_reference(ref)
 
     @property
     def member_limit(self) -> int:

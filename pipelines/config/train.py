@@ -7,13 +7,15 @@ The model choice and the task weights come from the model library's own dataclas
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from model.config import FUSIONS, IMAGE_ENCODERS, SIZES, LossWeights, ModelConfig
+from model.config import FUSIONS, IMAGE_ENCODERS, LORA_TARGETS, SIZES, LossWeights, ModelConfig
 from model.config import model_config as registered_size
 from pipelines.config.base import Strict, section_from_dataclass
+from pipelines.config.reference import FORMS, model_reference
 
 # ModelConfig fields that follow the prepared data, never set by hand in `overrides`.
 FROM_DATA = ("vocab_size", "num_answers", "max_text_len", "image_size", "sample_rate", "audio_seconds")
@@ -107,8 +109,53 @@ class LoopConfig(Strict):
         return LoopConfig(**{key: getattr(self, key) for key in LoopConfig.model_fields})
 
 
+class LoraChoice(Strict):
+    """LoRA adapters (`model.lora`, through peft) on the layers `targets` names: only they (and
+    the heads, with `train_heads`) train, every other weight stays as it starts. The saved model
+    has the adapters merged into its weights: a plain model folder."""
+
+    rank: int | None = Field(None, ge=1, description="the adapters' rank; null: full fine-tune (every weight trains)")
+    alpha: int = Field(16, ge=1, description="the adapters' update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: str = Field(
+        LORA_TARGETS,
+        min_length=1,
+        description="regular expression matched in full against module names (peft's target_modules); "
+        "the default: attention and MLP layers of the fusion encoder and the decoder",
+    )
+    train_heads: bool = Field(False, description="also train the matching and answer heads (fully)")
+
+    @field_validator("targets")
+    @classmethod
+    def _regex(cls, targets: str) -> str:
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"not a regular expression ({err})") from None
+        return targets
+
+    def adapters(self) -> dict | None:
+        """add_lora's keyword arguments, or None for a full fine-tune."""
+        return None if self.rank is None else self.model_dump()
+
+
 class TrainConfig(LoopConfig):
     model: ModelChoice = ModelChoice()
+    init_from: str | None = Field(
+        None,
+        description=f"the model to start from: null (random weights), or {FORMS}. An alias is resolved when the "
+        "run is planned (the stage's identity follows the version it names); a registered INT8 version starts "
+        "from the float model its crossmodal.trained_model tag names. Its weights must fit train.model at the "
+        "prepared sizes; prepare.vocabulary_from follows it, so the data is tokenized with the model's own tokenizer",
+    )
+    lora: LoraChoice = Field(
+        LoraChoice(), description="LoRA adapters instead of a full fine-tune (rank: null = full fine-tune)"
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _reference(cls, ref: str | None) -> str | None:
+        return model_reference(ref)
 
 
 def chosen_model(

@@ -114,15 +114,19 @@ def artifact_source(uri: str, tracking_uri: str | None) -> str:
 
 def registered_source(client, uri: str) -> str:
     """models:/<name>@<alias> or models:/<name>/<version> -> the source of that version."""
+    return registered_version(client, uri).source
+
+
+def registered_version(client, uri: str):
+    """models:/<name>@<alias> or models:/<name>/<version> -> that ModelVersion (name, version,
+    source, tags). MlflowException when there is none."""
     name, _, rest = uri[len("models:/") :].partition("@")
     if rest:
-        version = client.get_model_version_by_alias(name, rest)
-    else:
-        name, _, number = name.rpartition("/")
-        if not name or not number.isdigit():
-            raise ModelNotFound(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-        version = client.get_model_version(name, number)
-    return version.source
+        return client.get_model_version_by_alias(name, rest)
+    name, _, number = name.rpartition("/")
+    if not name or not number.isdigit():
+        raise ModelNotFound(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return client.get_model_version(name, number)
 
 
 def run_model_source(client, uri: str) -> str:

@@ -18,8 +18,8 @@ from pipelines.stages.train import train
 STAGES: list[Stage] = [
     Stage("ingest", ingest, section="ingest", fingerprint=source_fingerprint),
     Stage("shard", shard, section="shard", needs=("ingest",)),
-    Stage("prepare", prepare, section="prepare", needs=("shard",)),
-    Stage("train", train, section="train", needs=("prepare",)),
+    Stage("prepare", prepare, section="prepare", needs=("shard",), references=("vocabulary_from",)),
+    Stage("train", train, section="train", needs=("prepare",), references=("init_from",)),
     Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train")),
     # Compression (off unless their sections say enabled: true). `source` picks the model each
     # one takes, so each needs every stage it could take it from and uses the chosen one.

@@ -1,6 +1,7 @@
 """Prepare: decode every shard once on Ray Data, quarantine what is unusable, learn the tokenizer
-and the answer vocabulary, plan the modality balancing, and describe the streaming dataset
-the train workers consume (`dataset_spec.json`; see pipelines.data.dataset).
+and the answer vocabulary (or take a model's: `vocabulary_from`), plan the modality balancing,
+and describe the streaming dataset the train workers consume (`dataset_spec.json`; see
+pipelines.data.dataset).
 
 Outputs: dataset_spec.json, tokenizer.json, answers.json, quarantine.jsonl, balance.json,
 plots/balance.png, plots/augmentation_preview.png, and with `materialize`, decoded Parquet
@@ -26,7 +27,9 @@ from pipelines.data.profile import Finding, data_profile, prepare_findings
 from pipelines.data.report import augmentation_preview, balance_histogram
 from pipelines.data.transforms import augment_batch, decode_row
 from pipelines.data.wds_reader import read_tar
+from pipelines.errors import UserError
 from pipelines.storage import Storage
+from pipelines.training.init_from import float_folder, saved_vocabulary
 
 SUMMARY_FIELDS = (
     "key",
@@ -101,14 +104,19 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
     for finding in findings:
         print(f"prepare: warning: {finding}")
 
-    tokenizer = Tokenizer.train(
-        [t for r in train for t in (r["caption"], r["question"], r["answer"]) if t], cfg.vocab_size
-    )
+    tokenizer, answers = vocabulary(cfg, train, ctx)
     ctx.output.write_bytes(tokenizer.to_json().encode(), "tokenizer.json")
-    answers = [
-        a for a, _ in Counter(r["answer"] for r in train if r["answer"] and r["question"]).most_common(cfg.max_answers)
-    ]
     ctx.output.write_json(answers, "answers.json")
+    unknown = unknown_answers(train, answers)
+    if unknown and cfg.vocabulary_from:
+        findings.append(
+            Finding(
+                "prepare.vocabulary_from",
+                f"{unknown} train questions have an answer outside the model's {len(answers)}: they train "
+                "every task but VQA (their question is left out)",
+            )
+        )
+        print(f"prepare: warning: {findings[-1]}")
 
     plan = balance_plan(cfg, train)
     ctx.output.write_json(plan, "balance.json")
@@ -138,6 +146,7 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
         "quarantined": len(quarantined),
         "vocab_size": tokenizer.vocab_size,
         "answers": len(answers),
+        "answers.out_of_vocabulary": unknown,
         "first_batch_seconds": first_batch,
         "warnings": len(findings),
     }
@@ -177,6 +186,29 @@ def prepare(cfg: PrepareConfig, ctx: StageContext) -> StageResult:
             "profile.json": f"{out}/profile.json",
         },
     )
+
+
+def vocabulary(cfg: PrepareConfig, train: list[dict], ctx: StageContext) -> tuple[Tokenizer, list[str]]:
+    """The tokenizer and the answer list: the model's that `vocabulary_from` names (a model
+    fine-tunes on the token ids and answer indices it was trained with), else learned from the
+    train split (the `max_answers` most frequent answers)."""
+    if cfg.vocabulary_from:
+        try:
+            return saved_vocabulary(float_folder(cfg.vocabulary_from, ctx.tracking_uri))
+        except UserError as err:
+            raise StageError(f"prepare.vocabulary_from {err}") from None
+    tokenizer = Tokenizer.train(
+        [t for r in train for t in (r["caption"], r["question"], r["answer"]) if t], cfg.vocab_size
+    )
+    asked = Counter(r["answer"] for r in train if r["answer"] and r["question"])
+    return tokenizer, [a for a, _ in asked.most_common(cfg.max_answers)]
+
+
+def unknown_answers(train: list[dict], answers: list[str]) -> int:
+    """Train questions whose answer is not in the answer list: out of vocabulary, as the
+    stream treats them (pipelines.data.transforms.tensor_batch: no VQA target, question left out)."""
+    known = set(answers)
+    return sum(1 for r in train if r["answer"] and r["question"] and r["answer"] not in known)
 
 
 def empty_split(split: str) -> Finding:

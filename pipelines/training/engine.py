@@ -165,12 +165,14 @@ def initialize(model: nn.Module, cfg: LoopConfig, world_size: int, budget: Budge
     objective = objective if objective is not None else MultiTaskObjective(cfg.losses.weights())
     # ZeRO-3 keeps parameters partitioned outside their module's forward: no zero-weight term there.
     module = ObjectiveModule(model, objective, every_parameter=cfg.zero_stage < 3)
-    decay = aligned_first([p for n, p in module.named_parameters() if p.ndim >= 2 and "pos" not in n.split(".")[-1]])
-    no_decay = aligned_first(
-        [p for n, p in module.named_parameters() if not (p.ndim >= 2 and "pos" not in n.split(".")[-1])]
-    )
+    # Trainable parameters only: frozen ones (all but the adapters under LoRA) get no optimizer
+    # state, no fp32 master copy and no weight decay.
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    decay = aligned_first([p for n, p in trainable if p.ndim >= 2 and "pos" not in n.split(".")[-1]])
+    no_decay = aligned_first([p for n, p in trainable if not (p.ndim >= 2 and "pos" not in n.split(".")[-1])])
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [group for group in groups if group["params"]],  # LoRA's adapters are all matrices: no no-decay group
         lr=cfg.lr,
         betas=(0.9, 0.98),
         fused=os.environ["DS_ACCELERATOR"] == "cuda",

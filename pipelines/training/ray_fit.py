@@ -44,10 +44,12 @@ def fit(
     init: str | None = None,
     teacher: str | None = None,
     distill: dict | None = None,
+    lora: dict | None = None,
 ) -> Fitted:
     """Train `model_cfg` (from random weights, or from the model folder `init`) on the prepared
     train split; with `teacher` (a model folder) and `distill` (DistillWeights as a dict) the
-    loss adds the teacher's."""
+    loss adds the teacher's; with `lora` (add_lora's arguments) only adapters train, and the
+    state returned is that of the model with its adapters in place (`model.lora.adapted`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -71,6 +73,7 @@ def fit(
             "init": init,
             "teacher": teacher,
             "distill": distill,
+            "lora": lora,
             "clock": clock,
             "tracking_uri": ctx.tracking_uri,
             "run_id": ctx.run_id,

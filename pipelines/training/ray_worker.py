@@ -17,6 +17,7 @@ import torch.distributed as dist
 from model.config import DistillWeights, ModelConfig
 from model.distill import DistillationObjective
 from model.io import load
+from model.lora import adapted, add_lora, parameter_summary
 from model.multimodal import CrossModalModel
 from model.objectives import MultiTaskObjective
 from pipelines import env
@@ -38,8 +39,10 @@ def train_loop_per_worker(config: dict) -> None:
     import_deepspeed().init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses Ray's group
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = CrossModalModel(ModelConfig.from_dict(config["model"]))
-    if config.get("init"):  # fine-tuning (a pruned model's recovery): start from its weights
+    if config.get("init"):  # fine-tuning (train.init_from, a pruned model's recovery): start from its weights
         model.load_state_dict(load(Storage(config["init"]).local_copy()).model.state_dict())
+    if config.get("lora"):  # adapters in place, every other weight frozen: DeepSpeed trains the adapters only
+        model = adapted(add_lora(model, **config["lora"]))
     objective = distillation(config, model) if config.get("teacher") else None
     clock = config["clock"]
     train_shard = ray.train.get_dataset_shard("train")
@@ -80,6 +83,9 @@ def train_loop_per_worker(config: dict) -> None:
             kept.extend(batches)
 
     tracker = MlflowSink(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if tracker:
+        counts = parameter_summary(model)
+        tracker.log({"train/trainable_params": counts["trainable"], "train/total_params": counts["total"]}, 0)
     sink = Sink(
         log=tracker.log if tracker else lambda metrics, step: None,
         save=report,

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = read_spec(Path(args.spec))
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
+    if cfg.init_from or cfg.lora.rank is not None:  # not silently ignored: a run from random weights is another run
+        parser.exit(2, f"{parser.prog}: train.init_from and train.lora run in the pipeline's train stage, not here\n")
     log = tracker_for(args.tracking_uri) if int(os.environ.get("RANK", 0)) == 0 else None
     run(cfg, spec, Path(args.out), args.workers, log)
     return 0

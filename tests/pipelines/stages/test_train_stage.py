@@ -289,3 +289,36 @@ def test_a_standalone_pass_of_two_epochs_reads_each_as_a_pass_of_one_would(demo_
     third, fourth = [r for r in both if r[0] == 3], [r for r in both if r[0] == 4]
     assert len(third) > 400 and {r[0] for r in both} == {3, 4}
     assert [r[1] for r in third] != [r[1] for r in fourth]  # each epoch its own shard order and augmentation
+
+
+@pytest.mark.slow
+def test_lora_fine_tunes_a_trained_model_into_a_plain_merged_model(demo_root):
+    """train.init_from the trained tiny model of the first test, with LoRA adapters of rank 4:
+    prepare takes the model's vocabulary, the workers train the adapters only, and the saved
+    folder is a plain model: the image tower (no LoRA target) is the starting model's bit for
+    bit, the fusion layers (targets) moved, and the loss starts where a trained model is, far
+    below a random start."""
+    base, client = run(demo_root, "train.max_steps=20", "train.checkpoint_every=10", only=["train"])
+    trained = client.get_run(base.by_name()["train"].run_id)
+    producer = trained.data.tags.get("crossmodal.reused_from", trained.info.run_id)
+    random_start = history(client, producer, "loss.total")[0]
+    folder = Storage(base.by_name()["train"].output_uri).child("model").local_path()
+
+    extra = ("train.max_steps=4", "train.checkpoint_every=4", "train.val_every=100")
+    tuned, client = run(demo_root, *extra, f"train.init_from={folder}", "train.lora.rank=4", only=["prepare", "train"])
+    run_id = tuned.by_name()["train"].run_id
+    metrics = client.get_run(run_id).data.metrics
+    assert 0 < metrics["train/trainable_params"] < metrics["train/total_params"] / 10
+    first = history(client, run_id, "loss.total")[0]
+    assert random_start[0] == first[0] == 1 and first[1] < 0.8 * random_start[1], (random_start, first)
+    prepared = client.get_run(tuned.by_name()["prepare"].run_id).data.metrics
+    assert prepared["answers.out_of_vocabulary"] == 0  # the same data: every answer is the model's
+
+    start = load(folder).model.state_dict()
+    saved = load(Storage(tuned.by_name()["train"].output_uri).child("model").local_path())
+    merged = saved.model.state_dict()
+    assert merged.keys() == start.keys()  # no adapter left: a plain model folder
+    towers = [name for name in start if name.startswith("encoders.")]
+    assert towers and all(torch.equal(merged[name], start[name]) for name in towers)
+    targets = [name for name in start if name.startswith("fusion.") and name.endswith((".qkv.weight", ".q.weight"))]
+    assert targets and all(not torch.equal(merged[name], start[name]) for name in targets)

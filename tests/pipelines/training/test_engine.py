@@ -69,6 +69,7 @@ def worker(rank: int, out: str, port: int) -> None:
     result["losses"] = losses
     result["weight_dtypes"] = sorted({str(p.dtype) for p in engine.module.parameters()})
     result |= distillation_engine(model_cfg, Path(out).parent)
+    result |= lora_engine(model_cfg)
     Path(out).write_text(json.dumps(result))
 
 
@@ -104,6 +105,44 @@ def distillation_engine(teacher_cfg, folder: Path) -> dict:
     }
 
 
+def lora_engine(model_cfg) -> dict:
+    """A LoRA-wrapped model through the same engine: the optimizer holds the adapters only."""
+    from model.lora import adapted, add_lora
+    from model.multimodal import CrossModalModel
+    from model.synthetic import synthetic_batch
+    from pipelines.training.engine import initialize
+
+    model = adapted(add_lora(CrossModalModel(model_cfg), rank=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(zero_stage=2, precision="fp32", micro_batch=4, warmup_steps=0)
+    given = []  # what initialize hands DeepSpeed (ZeRO then swaps the groups for flat partitions)
+    adamw = torch.optim.AdamW
+
+    def recording(groups, **options):  # a real AdamW (DeepSpeed refuses subclasses under ZeRO)
+        given.extend(id(p) for group in groups for p in group["params"])
+        return adamw(groups, **options)
+
+    torch.optim.AdamW = recording
+    try:
+        engine, _ = initialize(model, cfg, 1)
+    finally:
+        torch.optim.AdamW = adamw
+    names = {id(p): n for n, p in model.named_parameters()}
+    zero = {id(p) for group in engine.optimizer.bit16_groups for p in group}  # the weights ZeRO-2 updates
+    batch = synthetic_batch(model_cfg, 4)
+    for _ in range(2):
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    return {
+        "lora_optimized": sorted(names[i] for i in given),
+        "lora_zero_updates": sorted(names[i] for i in zero),
+        "lora_trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "lora_moved": sorted(moved),
+    }
+
+
 @pytest.mark.spawn
 def test_zero2_parameters_start_aligned_bf16_mixed_learns_and_a_teacher_can_be_given(tmp_path):
     out = tmp_path / "result.json"
@@ -119,6 +158,11 @@ def test_zero2_parameters_start_aligned_bf16_mixed_learns_and_a_teacher_can_be_g
     assert result["kd_parts"] == ["kd_answers", "kd_embedding", "kd_similarity", "kd_tokens"]
     assert result["projection_moved"] and result["teacher_unchanged"] and result["teacher_seconds"] > 0
     assert result["saved_keys_outside_model"] == []
+    # LoRA: DeepSpeed's optimizer is given the adapters alone, and only they move (lora_A stays
+    # until lora_B, which starts at zero, is nonzero: the first step moves lora_B only).
+    assert result["lora_optimized"] == result["lora_trainable"] == result["lora_zero_updates"] != []
+    assert all("lora_" in name for name in result["lora_optimized"])
+    assert result["lora_moved"] and set(result["lora_moved"]) <= set(result["lora_trainable"])
 
 
 def test_auto_precision_takes_bf16_only_where_it_is_faster_and_all_ranks_agree():
