@@ -35,6 +35,9 @@ def register(cfg: RegisterConfig, ctx: StageContext) -> StageResult:
             "crossmodal.config_hash": config_hash,
             "crossmodal.stage_run": ctx.run_id,
             "crossmodal.source_stage": cfg.source,
+            # The float model the registered one was compressed from: what a warm start
+            # (train.init_from=models:/...) fine-tunes, since an INT8 version cannot train.
+            "crossmodal.trained_model": evaluated.outputs["model"],
         },
         metrics=metrics,
         tracking_uri=ctx.tracking_uri,

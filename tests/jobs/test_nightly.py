@@ -76,14 +76,23 @@ def test_three_nights(tmp_path, ray_cluster):
     as_folder(manifest, source, 70, 30)  # 30 new pictures arrive
     said.clear()
     impossible = "nightly.gate.metrics={retrieval.text_to_image.r1: 1.0}"
-    third = run_nightly(str(config), [*overrides, impossible], echo=said.append, date="2026-12-03")
+    warm = "nightly.warm_start=true"
+    third = run_nightly(str(config), [*overrides, impossible, warm], echo=said.append, date="2026-12-03")
     assert "60 new or changed source files since version 1 was trained: training" in "\n".join(said)
+    assert "nightly: warm start: train starts from models:/crossmodal/1" in said
     assert (third.state, third.version, third.champion) == ("kept", 2, 1), third.message
     assert "retrieval.text_to_image.r1" in third.message and "needs >=" in third.message
     assert json.loads(manifest_file.read_text()) == frozen  # new data never changes the benchmark
     assert int(client.get_model_version_by_alias("crossmodal", "champion").version) == 1
     assert int(client.get_model_version_by_alias("crossmodal", "challenger").version) == 2
     assert client.get_model_version("crossmodal", "2").tags["crossmodal.gate"] == "kept"
+    # The warm start fine-tuned version 1's float model (the train stage's, named by its tag).
+    [train] = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{third.run_id}' and tags.`crossmodal.stage` = 'train'",
+    )
+    assert train.data.params["train.init_from"] == "models:/crossmodal/1"
+    assert version.tags["crossmodal.trained_model"].endswith("/model")
     [gate] = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{third.run_id}' and tags.`crossmodal.kind` = 'gate'"
     )
