@@ -131,6 +131,10 @@ def test_killed_during_prune_then_run_again_reuses_what_finished_and_registers(t
     version = client.get_model_version_by_alias("crossmodal", "challenger")
     assert version.tags["crossmodal.pipeline_run"] == outcome.run_id
     assert version.tags["crossmodal.config_hash"]
+    assert "metric.retrieval.text_to_image.r1" in version.tags  # headline figures only
+    assert not [tag for tag in version.tags if tag.endswith((".r5", ".r10", ".hub_share"))]
+    trained = version.tags["crossmodal.trained_model"]  # the float model a warm start fine-tunes
+    assert trained.startswith(outcome.by_name()["train"].output_uri) and trained.endswith("/model")
     artifacts = {a.path for a in client.list_artifacts(runs["register"], "plots")}
     assert "plots/compression.png" in artifacts
     report = Path(client.download_artifacts(runs["register"], "compression.md", str(tmp_path))).read_text()
