@@ -77,7 +77,9 @@ def find_parent_run(uri: str, experiment: str, job_id: str):
 def run_link(uri: str, run) -> str:
     """Where to open the run: the server's UI page, or how to serve a local store."""
     experiment, run_id = run.info.experiment_id, run.info.run_id
-    page = f"#/experiments/{experiment}/runs/{run_id}"
+    # MLflow 3.17's UI keeps a global GenAI / Model training switch (GenAI in a new browser)
+    # that the experiment's kind tag does not override; the URL parameter does.
+    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     if uri.startswith("sqlite:///") and uri.endswith("/mlflow.db"):

@@ -61,7 +61,8 @@ def test_the_tracking_uri_the_job_uses(tmp_path, monkeypatch):
 
 def test_run_links():
     run = SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_id="abc", status="RUNNING"))
-    assert job_runs.run_link("http://127.0.0.1:5001/", run) == "http://127.0.0.1:5001/#/experiments/3/runs/abc"
+    link = "http://127.0.0.1:5001/#/experiments/3/runs/abc?workflowType=machine_learning"  # the Model training view
+    assert job_runs.run_link("http://127.0.0.1:5001/", run) == link
     assert job_runs.run_link("sqlite:////data/runs/mlflow.db", run).startswith("make ui RUNS=/data/runs, then")
 
 
