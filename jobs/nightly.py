@@ -128,7 +128,7 @@ class Night:
         """Both models' figures on the frozen benchmark, and the decision."""
         from pipelines.config.compress import Scored
         from pipelines.data.spec import DatasetSpec
-        from pipelines.evaluation.benchmark import BENCHMARK_SPLIT, freeze, open_frozen, score_model
+        from pipelines.evaluation.benchmark import BENCHMARK_SPLIT, freeze, open_frozen, score_models
         from pipelines.inference.resolve import model_folder
         from pipelines.runner import connect_ray
 
@@ -146,12 +146,10 @@ class Night:
         connect_ray(cfg.ray, env.configure())
         spec = DatasetSpec(**Storage(stages["prepare"].output_uri).read_json("dataset_spec.json"))
         section = Scored(split=BENCHMARK_SPLIT, max_samples=cfg.nightly.benchmark.max_samples)
-        figures = {
-            "challenger": score_model(model_folder(f"models:/{self.model}/{version}", self.uri), bench, spec, section)
-        }
+        folders = {"challenger": model_folder(f"models:/{self.model}/{version}", self.uri)}
         if champion is not None and int(champion.version) != version:
-            folder_of_champion = model_folder(f"models:/{self.model}/{champion.version}", self.uri)
-            figures["champion"] = score_model(folder_of_champion, bench, spec, section)
+            folders["champion"] = model_folder(f"models:/{self.model}/{champion.version}", self.uri)
+        figures = score_models(folders, bench, spec, section)
         figures["benchmark"] = {"samples": bench.samples, "content_hash": bench.content_hash}
         if champion is not None and int(champion.version) == version:
             return figures, Decision(False, f"kept: version {version} is the {self.alias} already")

@@ -3,7 +3,7 @@ and every model the nightly compares scored on it by the same code.
 
     bench = freeze(shard_output_uri, "test", Storage(".../benchmark/crossmodal"), origin="run 9f3c")
     bench = open_frozen(Storage(".../benchmark/crossmodal"))   # BenchmarkChanged if a file changed
-    figures = score_model(folder, bench, spec, Scored(split=BENCHMARK_SPLIT))
+    figures = score_models({"challenger": folder, "champion": other}, bench, spec, Scored(split=BENCHMARK_SPLIT))
 
 New data never changes it: the shard stage splits by a hash of each key, so the samples in it
 never move to train, and the copy is never rewritten. A changed, missing or extra file is a
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.config.evaluate import EvaluateConfig
 from pipelines.errors import UserError
 from pipelines.storage import Storage
 
@@ -128,11 +129,48 @@ def scoring_spec(spec, bench: Benchmark, saved):
     )
 
 
-def score_model(folder: str | Path, bench: Benchmark, spec, section) -> dict[str, float]:
-    """Task metrics and cost figures of the model folder on the benchmark (`section`: a
-    `Scored` with split BENCHMARK_SPLIT; the evaluate stage's scoring code)."""
-    from pipelines.compression.folder import load_any
-    from pipelines.stages.compressed import figures_of
+def score_models(folders: dict[str, Path], bench: Benchmark, spec, section, rounds: int = 3) -> dict[str, dict]:
+    """Task metrics and cost figures of each model folder on the benchmark (`section`: a
+    `Scored` with split BENCHMARK_SPLIT): the evaluate stage's scoring code, then the cost
+    measured in `rounds` interleaved rounds (A B, B A, A B ...) after all scoring is done, each
+    model's latency the median over its rounds. Measured one after the other, a background load
+    that comes or goes (the scoring's own Ray tasks winding down) showed up as a 19 % latency
+    "regression" between two models of the same shape."""
+    import statistics
 
-    saved = load_any(Path(folder))
-    return figures_of(str(folder), scoring_spec(spec, bench, saved), section)
+    from pipelines.compression import measure
+    from pipelines.compression.folder import load_any
+    from pipelines.stages.compressed import test_batches
+    from pipelines.stages.evaluate import score
+
+    figures, batches = {}, {}
+    for name, folder in folders.items():
+        saved = load_any(Path(folder))
+        model_spec = scoring_spec(spec, bench, saved)
+        figures[name], _ = score(
+            saved, model_spec, EvaluateConfig(split=BENCHMARK_SPLIT, max_samples=section.max_samples)
+        )
+        batches[name] = test_batches(model_spec, section)
+        del saved
+    order, timings = list(folders), {name: [] for name in folders}
+    for round_number in range(rounds):
+        for name in order if round_number % 2 == 0 else reversed(order):
+            cost = measure.measure(
+                folders[name],
+                batches[name],
+                threads=section.measure.threads,
+                repeats=section.measure.repeats,
+                memory=round_number == 0,
+            )
+            timings[name].append(cost)
+    for name, costs in timings.items():
+        first = costs[0]
+        figures[name] |= {
+            "parameters": first.parameters,
+            "size_mb": first.size_bytes / 1e6,
+            "latency_b1_ms": statistics.median(c.latency_b1_ms for c in costs),
+            "latency_b32_ms": statistics.median(c.latency_b32_ms for c in costs),
+            "peak_memory_mb": first.peak_memory_mb,
+            "threads": first.threads,
+        }
+    return figures
