@@ -1,17 +1,14 @@
-"""jobs.submit: a pipeline run submitted as a Ray job to a real Ray head with a dashboard."""
+"""jobs.submit: the job command and its checks before submitting (on a real head: test_ray_jobs.py)."""
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from jobs import submit
-from tests.conftest import DEMO_CONFIG, free_port, small_overrides, start_until, stop_group
+from tests.conftest import DEMO_CONFIG
 
 
 def test_entrypoint_quotes_every_argument():
@@ -37,47 +34,6 @@ def test_config_outside_the_project_is_refused(tmp_path):
 def test_config_mistake_fails_before_submitting(capsys):
     assert submit.main([str(DEMO_CONFIG), "--address", "http://127.0.0.1:1", "--set", "shard.splits=3"]) == 2
     assert "shard.splits: input should be a valid dictionary" in capsys.readouterr().err
-
-
-@pytest.mark.spawn
-@pytest.mark.ray
-def test_submit_and_wait_runs_the_pipeline_on_the_cluster(tmp_path, capsys):
-    dashboard = free_port()
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    head = start_until(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={free_port()}",
-            f"--dashboard-port={dashboard}",
-            "--include-dashboard=true",
-            "--num-cpus=4",
-            # Its own agent port: the session's local cluster already holds the default one.
-            f"--dashboard-agent-listen-port={free_port()}",
-            "--object-store-memory=300000000",
-            "--disable-usage-stats",
-        ],
-        "Ray runtime started",
-        cwd=tmp_path,
-        env=env,
-    )
-    try:
-        overrides = [arg for o in small_overrides(tmp_path) for arg in ("--set", o)]
-        code = submit.main(
-            [str(DEMO_CONFIG), "--address", f"http://127.0.0.1:{dashboard}", *overrides, "--only", "ingest", "--wait"]
-        )
-        out = capsys.readouterr().out
-        assert code == 0, out[-3000:]
-        assert "[ingest] ran in" in out and "SUCCEEDED" in out
-    finally:
-        stop_group(head)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("crossmodal-demo")
-    [parent] = client.search_runs([experiment.experiment_id], "tags.`crossmodal.kind` = 'pipeline'")
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["crossmodal.plan"] == "ingest"
 
 
 def test_the_nightly_is_submitted_as_its_own_entry_point():
