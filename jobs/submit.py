@@ -67,11 +67,14 @@ def new_job_id() -> str:
 
 
 def runtime_env(job_id: str | None = None) -> dict:
-    from pipelines.lineage import JOB_ID_ENV  # imports mlflow: only when submitting
+    from pipelines.lineage import GIT_COMMIT_ENV, JOB_ID_ENV, git_state  # imports mlflow: only when submitting
 
     env_vars = env.portable(env.project_env()) | {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
     if job_id:
         env_vars[JOB_ID_ENV] = job_id
+    commit, dirty = git_state()
+    if commit != "unknown":
+        env_vars[GIT_COMMIT_ENV] = commit + ("-dirty" if dirty else "")
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars}
 
 

@@ -49,7 +49,15 @@ def local_artifact_root(uri: str) -> str | None:
     return None
 
 
+# A Ray job's working_dir is a copy without .git: the submitter hands its commit over in this.
+GIT_COMMIT_ENV = "CROSSMODAL_GIT_COMMIT"
+
+
 def git_state() -> tuple[str, bool]:
+    """(commit, dirty) of the project's checkout, else what the submitter of this job saw."""
+    handed = os.environ.get(GIT_COMMIT_ENV, "")
+    if handed and not (PROJECT_DIR / ".git").exists():
+        return handed.removesuffix("-dirty"), handed.endswith("-dirty")
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10
