@@ -104,5 +104,5 @@ def serve_command(model_uri: str, tracking_uri: str) -> str:
     bin_folder = Path(sys.executable).parent
     return (
         f"PATH={bin_folder}:$PATH MLFLOW_TRACKING_URI={tracking_uri} "
-        f"mlflow models serve -m {model_uri} --env-manager local -h 127.0.0.1 -p 5001"
+        f"mlflow models serve -m {model_uri} --env-manager local -h 127.0.0.1 -p 5002"  # 5001: make cluster-up's MLflow
     )
