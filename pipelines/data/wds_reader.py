@@ -148,6 +148,14 @@ def decompressed(stream):
     return chained
 
 
+class BrokenMember(Exception):
+    """The tar broke inside a member's data: `name` says whose sample it was."""
+
+    def __init__(self, name: str, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.name = name
+
+
 def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
     """Members of a (possibly compressed) tar, read sequentially without extracting.
 
@@ -168,7 +176,11 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
             elif info.size > limit:
                 yield Member(name, None, "oversized_member", f"{info.size} bytes > limit {limit}")
             else:
-                yield Member(name, archive.extractfile(info).read())
+                try:
+                    data = archive.extractfile(info).read()
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+                    raise BrokenMember(name, err) from err
+                yield Member(name, data)
         end = tracked.block_at(archive.offset)
     if end is None:
         raise tarfile.ReadError("the archive stops without an end-of-archive block (truncated)")
@@ -180,7 +192,9 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
     """Samples of one shard: consecutive members with one key make a sample (WebDataset rule).
 
     A corrupt or truncated tar ends the shard with one rejection, keyed by the sample that was
-    being read when it broke, so nothing disappears without a count.
+    being read when it broke, so nothing disappears without a count. A cut inside the first
+    member of a sample (where most cuts of img2dataset shards land: the image comes first and is
+    most of the bytes) names that sample; the one before it was complete and is kept.
     """
     key, bucket = "", []
     try:
@@ -191,6 +205,12 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
                 bucket = []
             key = member_key
             bucket.append(member)
+    except BrokenMember as broken:
+        broken_key, _ = split_name(broken.name)
+        if bucket and broken_key != key:
+            yield assemble(key, source, bucket, limit)
+        yield Rejected(broken_key, source, broken.name, "corrupt_tar", str(broken))
+        return
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         yield Rejected(
             key if bucket else "",

@@ -156,6 +156,28 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     assert [(r.key, r.reason) for r in rejected] == [("s1", "corrupt_tar")]
 
 
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_cut_inside_a_member_names_its_sample_and_keeps_the_complete_one_before(where):
+    """img2dataset order: the image first, most of the bytes; a cut lands there most often."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for key in ("a", "b"):
+            add(archive, f"{key}.jpg", b"j" * 5000)
+            add(archive, f"{key}.txt", b"caption")
+    data = buffer.getvalue()
+    # b.jpg's data starts after a's two members (512 + 5120, 512 + 512) and its own header.
+    b_jpg = 512 + 5120 + 512 + 512 + 512
+    cut = b_jpg + 2000 if where == "first" else b_jpg + 5120 + 512 + 3  # inside b.txt
+    items = list(read_tar(io.BytesIO(data[:cut]), "mem", LIMIT))
+    assert [i["key"] for i in items if isinstance(i, dict)] == ["a"]
+    [rejected] = [i for i in items if isinstance(i, Rejected)]
+    assert (rejected.key, rejected.member, rejected.reason) == (
+        "b",
+        "b.jpg" if where == "first" else "b.txt",
+        "corrupt_tar",
+    )
+
+
 def tar_of(count: int) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
