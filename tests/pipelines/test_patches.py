@@ -164,4 +164,6 @@ def test_nlpaug_imports_without_transformers_and_transformers_still_imports_afte
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     swapped, after = done.stdout.strip().splitlines()[-2:]
-    assert sorted(swapped.split()) == ["four", "one", "three", "two"] and after.startswith("transformers ")
+    # nlpaug capitalises a word swapped into first place (unseeded here): compare ignoring case.
+    assert sorted(w.lower() for w in swapped.split()) == ["four", "one", "three", "two"]
+    assert after.startswith("transformers ")
