@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 from pipelines.config.nightly import COST_FIGURES, GateConfig, higher_is_better
 
+# MLflow logs two INFO lines per validation; the gate runs one per check and prints its own table.
+logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
+
 
 @dataclass
 class Check:
@@ -36,10 +39,6 @@ class Decision:
     promote: bool
     reason: str
     checks: list[Check] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.passed is False]
 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None, cfg: GateConfig) -> Decision:
@@ -92,7 +91,6 @@ def passes(metric: str, threshold, challenger: float, champion: float) -> bool:
     from mlflow.models.evaluation import EvaluationResult
     from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-    logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
     try:
         mlflow.validate_evaluation_results(
             {metric: threshold},
