@@ -13,7 +13,7 @@ UI_PORT ?= 5000
 TORCH := torch==2.13.0
 PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install --progress-bar off
 
-.PHONY: setup demo test test-fast lint ui clean cluster-up cluster-down
+.PHONY: setup demo test test-fast drill lint ui clean cluster-up cluster-down
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test: setup
 # Unit tests only: no Ray cluster, no spawned processes, no multi-minute runs.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not spawn and not ray"
+
+# The reliability drill: bad inputs, bad configs, killed workers and drivers, lost services,
+# untrusted files; prints one table (also in $(RUNS)/drill/table.md), fails if any case fails.
+drill: setup
+	$(BIN)/python -m tests.drill --out $(RUNS)/drill
 
 lint: setup
 	$(BIN)/ruff check .

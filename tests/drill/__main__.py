@@ -1,0 +1,69 @@
+"""`make drill`: run every drill, print one table, exit non-zero if any case failed.
+
+    python -m tests.drill [--quick] [--only NAME ...] [--out runs/drill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from tests.drill.case import Row, table
+from tests.drill.registry import all_drills
+
+
+def start_ray() -> None:
+    import ray
+
+    from pipelines import env
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        runtime_env={"env_vars": env.project_env(), "worker_process_setup_hook": "pipelines.patches.worker_setup"},
+        logging_level=logging.WARNING,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.drill", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the drills CI runs (no slow faults)")
+    parser.add_argument("--only", nargs="*", default=None, help="drill names to run")
+    parser.add_argument("--out", default="runs/drill", help="folder for table.md and each drill's scratch")
+    args = parser.parse_args(argv)
+
+    drills = [d for d in all_drills() if not (args.quick and d.slow) and (not args.only or d.name in args.only)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(d.needs_ray for d in drills):
+        start_ray()
+    rows: list[Row] = []
+    for drill in drills:
+        started = time.monotonic()
+        print(f"drill {drill.name} ({drill.group}) ...", flush=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{drill.name}-", dir=out))
+        try:
+            found = drill.run(scratch)
+        except Exception as err:  # a drill that breaks is a failed case, and the table goes on
+            traceback.print_exc()
+            found = [Row(drill.name, "-", "the drill runs", f"drill raised {type(err).__name__}: {err}", False)]
+        rows += found
+        failed = sum(not r.passed for r in found)
+        print(f"drill {drill.name}: {len(found)} cases, {failed} failed, {time.monotonic() - started:.0f} s", flush=True)
+    text = table(rows)
+    (out / "table.md").write_text(text)
+    print("\n" + text)
+    failed = [r.case for r in rows if not r.passed]
+    print(f"{len(rows)} cases, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Filled in by its drill: see tests/drill/case.py."""
+
+DRILLS = []
