@@ -1,6 +1,6 @@
 """`make drill`: run every drill, print one table, exit non-zero if any case failed.
 
-    python -m tests.drill [--quick] [--only NAME ...] [--out runs/drill]
+python -m tests.drill [--quick] [--only NAME ...] [--out runs/drill]
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tempfile.mkdtemp(prefix=f"{drill.name}-", dir=out))
         try:
             found = drill.run(scratch)
-        except Exception as err:  # a drill that breaks is a failed case, and the table goes on
+        except Exception as err:  # noqa: BLE001 - a drill that breaks is a failed case, and the table goes on
             traceback.print_exc()
             found = [Row(drill.name, "-", "the drill runs", f"drill raised {type(err).__name__}: {err}", False)]
         rows += found
-        failed = sum(not r.passed for r in found)
-        print(f"drill {drill.name}: {len(found)} cases, {failed} failed, {time.monotonic() - started:.0f} s", flush=True)
+        failed, seconds = sum(not r.passed for r in found), time.monotonic() - started
+        print(f"drill {drill.name}: {len(found)} cases, {failed} failed, {seconds:.0f} s", flush=True)
     text = table(rows)
     (out / "table.md").write_text(text)
     print("\n" + text)
