@@ -27,7 +27,7 @@ ANSI = "\x1b["
 PROGRESS = re.compile(r"Total Progress:|(ingest parts|shards): \d+/\d+")
 # Each source of progress: a Ray Data execution, or one of our task fan-outs.
 SOURCES = re.compile(r"Running Dataset:|(ingest parts|shards): \d+/\d+ done in")
-FAILED = "crossmodal: stage 'prepare' failed: "
+FAILED = "crossmodal: stage 'prepare' failed: prepare.vocabulary_from "
 # The tiny train of tests/pipelines/stages/test_own_data.py, for the slow drill.
 QUICK_TRAIN = [
     "train.model.size=tiny",
@@ -110,8 +110,8 @@ def progress_rows(case: str, done: str, log: Path, code: int, seconds: float) ->
 
 
 def failure_row(scratch: Path, where: list[str]) -> Row:
-    """A stage forced to fail (prepare given a model folder it cannot read a vocabulary from,
-    after ingest and shard): its error is a line of its own, from column 0."""
+    """A stage forced to fail (prepare given a model folder without a tokenizer to take its
+    vocabulary from): its error is a line of its own, from column 0, naming the key."""
     junk = scratch / "junk-model"
     junk.mkdir(exist_ok=True)
     (junk / "config.json").write_text("{}")
@@ -125,7 +125,7 @@ def failure_row(scratch: Path, where: list[str]) -> Row:
     shown = (own or inside or ["(no error line)"])[0]
     return Row(
         "logs-error-own-line",
-        "prepare forced to fail (train.init_from: a folder with an empty config.json), > file 2>&1",
+        "prepare forced to fail (train.init_from: a folder with only an empty config.json), > file 2>&1",
         f"exit 1; '{FAILED.strip()} ...' starts a line, nothing before it",
         f"exit {code} in {seconds:.0f} s; {len(own)} line(s) from column 0, {len(inside)} mid-line: "
         + shown[:160].replace("|", "\\|"),
