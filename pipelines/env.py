@@ -33,6 +33,10 @@ PROGRESS_AS_LINES = {
     "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": str(PROGRESS_LINE_EVERY_S),
     "RAY_COLOR_PREFIX": "0",  # no colour codes around the "(worker pid=...)" prefix of worker lines
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's download and upload bars
+    # Plain tqdm bars (DeepSpeed's "Loading checkpoint shards", Hugging Face downloads) only
+    # know how to redraw a line: off in a log.
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
