@@ -194,6 +194,13 @@ def config_cases(scratch: Path) -> list[Row]:
             2,
         ),
         row(
+            "cli-jobs-unreachable",
+            "jobs status NO-SUCH-ID --address <a port nothing listens on>",
+            "cannot reach a Ray dashboard",
+            in_process(["jobs", "status", "NO-SUCH-ID", "--address", f"http://127.0.0.1:{free_port()}"]),
+            2,
+        ),
+        row(
             "app-missing-model",
             "caption <missing model folder> x.png",
             "no-model",
@@ -202,6 +209,14 @@ def config_cases(scratch: Path) -> list[Row]:
         ),
     ]
     return rows
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def in_process_without(variable: str, argv: list[str]) -> Said:
@@ -299,8 +314,43 @@ def request_cases(scratch: Path) -> list[Row]:
     return rows
 
 
+def app_cases(scratch: Path) -> list[Row]:
+    """The application commands on a real (tiny, random) model folder: bad files and questions."""
+    from pipelines.compression.pyfunc import example_files
+
+    folder, image = str(scratch / "model"), scratch / "square.png"
+    image.write_bytes(example_files()[0])
+    text = scratch / "notes.txt"
+    text.write_text("not an image")
+    return [
+        row(
+            "app-missing-file",
+            "caption MODEL missing.png",
+            "missing.png",
+            in_process(["caption", folder, str(scratch / "missing.png")]),
+            2,
+        ),
+        row("app-not-media", "caption MODEL notes.txt", "notes.txt", in_process(["caption", folder, str(text)]), 2),
+        row(
+            "app-empty-question",
+            "answer MODEL square.png ''",
+            "question",
+            in_process(["answer", folder, str(image), " "]),
+            2,
+        ),
+        row(
+            "app-missing-index",
+            "search MODEL <no index> --text x",
+            "no-index",
+            in_process(["search", folder, str(scratch / "no-index"), "--text", "a red square"]),
+            2,
+        ),
+    ]
+
+
 def quick_cases(scratch: Path) -> list[Row]:
-    return config_cases(scratch) + folder_cases(scratch) + request_cases(scratch)
+    # request_cases writes the tiny model folder app_cases uses
+    return config_cases(scratch) + folder_cases(scratch) + request_cases(scratch) + app_cases(scratch)
 
 
 # -- with Ray: what only the ingest, shard and prepare stages can find -------------------------
