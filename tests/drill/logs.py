@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "configs" / "demo.yaml"
 SAMPLES = 16
 ANSI = "\x1b["
-# A progress report: Ray Data's logged progress, or our tasks' (pipelines.parallel.LineProgress).
-PROGRESS = re.compile(r"Total Progress:|(ingest parts|shards): \d+/\d+")
-# Each source of progress: a Ray Data execution, or one of our task fan-outs.
-SOURCES = re.compile(r"Running Dataset:|(ingest parts|shards): \d+/\d+ done in")
+# A progress report: Ray Data's logged progress, our tasks' (pipelines.parallel.LineProgress),
+# the training loop's (pipelines.training.loop.progress_line).
+PROGRESS = re.compile(r"Total Progress:|(ingest parts|shards): \d+/\d+|train: step \d+ of")
+# Each source of progress: a Ray Data execution, one of our task fan-outs, a training run.
+SOURCES = re.compile(r"Running Dataset:|(ingest parts|shards): \d+/\d+ done in|^\[train\] running")
 FAILED = "crossmodal: stage 'prepare' failed: prepare.vocabulary_from "
 # The tiny train of tests/pipelines/stages/test_own_data.py, for the slow drill.
 QUICK_TRAIN = [
@@ -108,7 +109,7 @@ def progress_rows(case: str, done: str, log: Path, code: int, seconds: float) ->
             f"{case}-progress-bounded",
             f"{done}: count progress reports",
             f"progress lines <= sources x (2 + s/{env.PROGRESS_LINE_EVERY_S}) = {bound} (a line per 30 s)",
-            f"{reports} progress lines from {sources} sources (Ray Data runs, task fan-outs) in {seconds:.0f} s",
+            f"{reports} progress lines from {sources} sources (Ray Data runs, task fan-outs, train) in {seconds:.0f} s",
             sources > 0 and 0 < reports <= bound,
         ),
     ]
