@@ -70,6 +70,8 @@ def runtime_env(job_id: str | None = None) -> dict:
     from pipelines.lineage import GIT_COMMIT_ENV, JOB_ID_ENV, git_state  # imports mlflow: only when submitting
 
     env_vars = env.portable(env.project_env()) | {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    # A job's driver writes to Ray's job log, whatever terminal it was submitted from: progress as lines.
+    env_vars |= {env.PROGRESS_ENV: "lines", **env.PROGRESS_AS_LINES}
     if job_id:
         env_vars[JOB_ID_ENV] = job_id
     commit, dirty = git_state()

@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 a stage failed, 2 a mistake in the config or the command l
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from pipelines import env
@@ -16,9 +17,17 @@ from pipelines.errors import UserError
 USAGE_ERROR, STAGE_FAILED = 2, 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (argparse prints the whole usage
+    first); subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(extensions=()) -> argparse.ArgumentParser:
     """The pipeline's commands, the apps' and each extension module's (`add_commands(sub)`)."""
-    parser = argparse.ArgumentParser(prog="crossmodal", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="crossmodal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline a config describes (reusing finished stages)")
@@ -65,6 +74,9 @@ def main(argv: list[str] | None = None, extensions=()) -> int:
     """`extensions`: modules with `add_commands(sub)` and `COMMANDS` (name -> handler(args) -> exit
     code), e.g. the jobs package's submit, nightly and promote (see jobs/cli.py)."""
     env.configure()
+    # A new store's "Creating initial MLflow database tables" is not news, and it would make a
+    # one-line error two lines.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     args = build_parser(extensions).parse_args(argv)
     try:
         if args.command in apps_cli.COMMANDS:
@@ -74,8 +86,14 @@ def main(argv: list[str] | None = None, extensions=()) -> int:
             commands |= extension.COMMANDS
         return commands[args.command](args)
     except UserError as err:  # config, plan, input, model reference, survey: one line, exit 2
-        print(f"crossmodal: error: {err}", file=sys.stderr)
+        print(f"{own_line()}crossmodal: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def own_line() -> str:
+    """What to print before an error so it starts a line of its own: on a terminal a progress
+    bar may hold the cursor mid-line; in a log (progress as lines) every line is already ended."""
+    return "\n" if env.progress_mode() == "bars" else ""
 
 
 def command_run(args) -> int:
@@ -102,7 +120,7 @@ def command_run(args) -> int:
         print(f"serve it: {summary['serve']}")
     failure = outcome.failure
     if failure is not None:
-        print(f"crossmodal: stage '{failure.name}' failed: {failure.error}", file=sys.stderr)
+        print(f"{own_line()}crossmodal: stage '{failure.name}' failed: {failure.error}", file=sys.stderr)
         return STAGE_FAILED
     return 0
 

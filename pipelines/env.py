@@ -8,6 +8,7 @@ workers through the runtime environment so remote nodes see them too.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,36 @@ from pathlib import Path
 def _has_nvidia_gpu() -> bool:
     # Cheap check that does not import torch (1.5 s): the driver exposes device nodes.
     return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
+
+
+# How progress is shown: "bars" (redrawn in place, for a terminal) or "lines" (a log line every
+# so often, for a file or a pipe). The driver decides from its own stdout and stderr and hands its
+# decision to every Ray worker, whose stdout is never a terminal.
+PROGRESS_ENV = "CROSSMODAL_PROGRESS"
+PROGRESS_MODES = ("bars", "lines")
+PROGRESS_LINE_EVERY_S = 30  # as often as the training loop prints its progress line
+# Progress as lines: `make demo > demo.log` got a new copy of Ray Data's bar every second
+# (carriage returns, colour codes) and a failed stage's error on the same line as a bar.
+PROGRESS_AS_LINES = {
+    # Ray Data inside a Ray worker (every stage) draws Ray's tqdm bars on the driver unless
+    # this is off; then it logs its progress every RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL s.
+    "RAY_TQDM": "0",
+    "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": str(PROGRESS_LINE_EVERY_S),
+    "RAY_COLOR_PREFIX": "0",  # no colour codes around the "(worker pid=...)" prefix of worker lines
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's download and upload bars
+    # Plain tqdm bars (DeepSpeed's "Loading checkpoint shards", Hugging Face downloads) only
+    # know how to redraw a line: off in a log.
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def progress_mode() -> str:
+    """ "bars" when this process writes to a terminal (or was told so by its driver), else "lines"."""
+    given = os.environ.get(PROGRESS_ENV, "")
+    if given in PROGRESS_MODES:
+        return given
+    return "bars" if sys.stdout.isatty() and sys.stderr.isatty() else "lines"
 
 
 def project_env() -> dict[str, str]:
@@ -37,6 +68,9 @@ def project_env() -> dict[str, str]:
     }
     if not _has_nvidia_gpu():
         wanted["DS_ACCELERATOR"] = "cpu"
+    wanted[PROGRESS_ENV] = progress_mode()
+    if wanted[PROGRESS_ENV] == "lines":
+        wanted |= PROGRESS_AS_LINES
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
 
 

@@ -22,6 +22,7 @@ import yaml
 
 from pipelines import env
 from pipelines.config import PipelineConfig, RayConfig, flatten
+from pipelines.config.pipeline import AGREEMENTS
 from pipelines.dag import (
     PlanError,
     Stage,
@@ -135,7 +136,11 @@ def pinned_sections(cfg: PipelineConfig, stages: list[Stage], tracking_uri: str)
     `Stage.references`. One lookup per reference for the whole run, before any stage runs, so
     stages that name the same model (prepare's vocabulary, train's weights) read the same one."""
     pin_ref = cache(lambda ref: pin(ref, tracking_uri))
-    return {s.name: pin_section(getattr(cfg, s.section), s.references, pin_ref, s.section) for s in stages}
+    # A reference that follows another (prepare.vocabulary_from follows train.init_from) is pinned
+    # after it: a reference naming nothing is then reported under the key the user set.
+    derived = {keys for keys, _ in AGREEMENTS}
+    first = sorted(stages, key=lambda s: any((s.section, key) in derived for key in s.references))
+    return {s.name: pin_section(getattr(cfg, s.section), s.references, pin_ref, s.section) for s in first}
 
 
 def plan_state(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[tuple[Stage, str, tuple | None]]:

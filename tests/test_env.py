@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from pipelines import env
+
 SCRIPT = """
 import json, os
 from pipelines import env
@@ -28,3 +30,20 @@ def test_an_accelerator_chosen_here_is_not_handed_to_workers_and_one_the_user_se
     # workers must not be told to (they choose for themselves in worker_setup).
     assert configured(None) == ["cpu", None]
     assert configured("cuda") == ["cuda", "cuda"]
+
+
+PROGRESS = """
+import json
+from pipelines import env
+print(json.dumps([env.progress_mode(), env.project_env().get("RAY_TQDM")]))
+"""
+
+
+def test_progress_is_lines_in_a_log_and_what_the_driver_said_in_a_worker():
+    shell = {k: v for k, v in os.environ.items() if k != env.PROGRESS_ENV and k not in env.PROGRESS_AS_LINES}
+    logged = subprocess.run([sys.executable, "-c", PROGRESS], env=shell, capture_output=True, text=True, check=True)
+    assert json.loads(logged.stdout) == ["lines", "0"]  # stdout a pipe: Ray Data logs, no bars
+    # A Ray worker's stdout is never a terminal: it follows its driver's decision.
+    told = dict(shell, **{env.PROGRESS_ENV: "bars"})
+    worker = subprocess.run([sys.executable, "-c", PROGRESS], env=told, capture_output=True, text=True, check=True)
+    assert json.loads(worker.stdout) == ["bars", None]

@@ -65,12 +65,17 @@ def run(args) -> int:
 
 
 def settings(args):
-    """(tracking URI, safety config) from --tracking-uri / --config / the environment."""
+    """(tracking URI or None, safety config, config) from --tracking-uri / --config / the environment."""
     from pipelines.config import MlflowConfig, load_config
+    from pipelines.inference.pin import is_registered, is_run
     from pipelines.lineage import tracking_uri
 
     cfg = load_config(args.config) if args.config else None
-    uri = args.tracking_uri or tracking_uri(cfg.mlflow if cfg else MlflowConfig())
+    uri = args.tracking_uri
+    # Only an MLflow reference needs a tracking store: finding the default one creates ./runs,
+    # which a model folder must not leave in the user's working directory.
+    if uri is None and (is_registered(args.model) or is_run(args.model)):
+        uri = tracking_uri(cfg.mlflow if cfg else MlflowConfig())
     return uri, (cfg.evaluate.safety if cfg else None), cfg
 
 

@@ -20,7 +20,9 @@ STAGES: list[Stage] = [
     Stage("shard", shard, section="shard", needs=("ingest",)),
     Stage("prepare", prepare, section="prepare", needs=("shard",), references=("vocabulary_from",)),
     Stage("train", train, section="train", needs=("prepare",), references=("init_from",)),
-    Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train")),
+    # evaluate.model, when given, is pinned like the other references: a folder or a registered
+    # model that is not there is a one-line error before any stage runs, not after training.
+    Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train"), references=("model",)),
     # Compression (off unless their sections say enabled: true). `source` picks the model each
     # one takes, so each needs every stage it could take it from and uses the chosen one.
     Stage("distill", distill, section="distill", needs=("prepare", "train")),

@@ -131,6 +131,15 @@ def plan_units(cfg: IngestConfig) -> tuple[list[Unit], list[dict]]:
     source = Storage(cfg.path)
     if not source.exists():
         raise StageInputError(f"ingest.path {cfg.path}: no such file or folder")
+    try:
+        return list_source(cfg, source)
+    except PermissionError as err:  # a folder or manifest this user may not read: one line, not pyarrow's traceback
+        raise StageInputError(
+            f"ingest.path {cfg.path}: cannot read it ({err.strerror or 'permission denied'})"
+        ) from None
+
+
+def list_source(cfg: IngestConfig, source: Storage) -> tuple[list[Unit], list[dict]]:
     if cfg.source == "shards":
         files = shard_files(source)
         return [Unit(i, "shards", [f]) for i, f in enumerate(files)], []

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from model.io import SavedModel
+from model.tokenizer import FILENAME as TOKENIZER_FILE
 from model.tokenizer import Tokenizer
 from pipelines.compression.folder import is_quantized
 from pipelines.dag import StageError
@@ -51,6 +52,8 @@ def storage_folder(uri: str, what: str) -> Path:
 
 def saved_vocabulary(folder: Path) -> tuple[Tokenizer, list[str]]:
     """A model folder's tokenizer and answer list, without loading its weights."""
+    if not (folder / TOKENIZER_FILE).is_file():  # else the tokenizers library's "No such file (os error 2)"
+        raise ModelNotFound(f"{folder}: not a model folder (no {TOKENIZER_FILE})")
     return Tokenizer.load(folder), list(json.loads((folder / "config.json").read_text()).get("answers", []))
 
 

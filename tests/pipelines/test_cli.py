@@ -89,3 +89,14 @@ def test_config_mistake_exits_2_before_anything_runs(tmp_path):
         == "crossmodal: error: unknown stage 'trian' (stages: ingest, shard, prepare, train, evaluate, "
         "distill, prune, quantize, register)"
     )
+
+
+def test_a_command_line_mistake_is_one_line_naming_the_argument(capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "crossmodal run: error: the following arguments are required: config (see crossmodal run --help)\n"
+    )

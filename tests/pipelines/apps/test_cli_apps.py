@@ -181,3 +181,17 @@ def test_bad_input_gets_one_line_errors(trained, index, tmp_path, capsys):
 
 def trained_vocab(model_folder: str) -> int:
     return json.loads(open(f"{model_folder}/config.json").read())["model"]["vocab_size"]
+
+
+def test_a_model_folder_needs_no_tracking_store_and_leaves_no_runs_folder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines.apps.cli import settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = SimpleNamespace(config=None, tracking_uri=None, model=str(tmp_path / "model"))
+    assert settings(folder)[0] is None
+    assert not (tmp_path / "runs").exists()
+    registered = SimpleNamespace(config=None, tracking_uri=None, model="models:/crossmodal@champion")
+    assert settings(registered)[0] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"

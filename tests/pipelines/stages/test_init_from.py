@@ -181,5 +181,6 @@ def test_moving_the_alias_changes_prepare_and_train_identity_and_the_same_versio
 def test_a_reference_that_names_nothing_stops_the_plan_in_one_line(store, tmp_path):
     with pytest.raises(ModelNotFound) as err:
         identities(store, tmp_path, "models:/crossmodal@nobody")
-    assert str(err.value).startswith("prepare.vocabulary_from models:/crossmodal@nobody: ")
+    # Named as the key the user set, not as prepare.vocabulary_from, which follows it.
+    assert str(err.value).startswith("train.init_from models:/crossmodal@nobody: ")
     assert "\n" not in str(err.value)
