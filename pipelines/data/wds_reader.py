@@ -110,6 +110,10 @@ class TailTracker:
         self.tail = (self.tail + data)[-self.KEEP :]
         return data
 
+    def after(self, offset: int) -> bytes:
+        """The bytes delivered from `offset` to the end of the stream (what is still kept)."""
+        return self.tail[-(self.total - offset) :] if self.total > offset else b""
+
     def block_at(self, offset: int) -> bytes | None:
         """The 512 bytes at `offset` of the stream, if they were delivered and are still kept."""
         start = offset - (self.total - len(self.tail))
@@ -148,6 +152,10 @@ def decompressed(stream):
     return chained
 
 
+class MissingEnd(tarfile.ReadError):
+    """The stream stopped on a member boundary, without an end-of-archive block."""
+
+
 class BrokenMember(Exception):
     """The tar broke inside a member's data: `name` says whose sample it was."""
 
@@ -183,9 +191,32 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
                 yield Member(name, data)
         end = tracked.block_at(archive.offset)
     if end is None:
-        raise tarfile.ReadError("the archive stops without an end-of-archive block (truncated)")
+        cut = tracked.after(archive.offset)
+        name = cut_header_name(cut)
+        if name:
+            raise BrokenMember(name, tarfile.ReadError(f"the archive stops inside the header of {name}"))
+        if any(cut):
+            raise tarfile.ReadError("the archive stops inside a member header")
+        raise MissingEnd("the archive stops without an end-of-archive block")
     if any(end):
         raise tarfile.ReadError(f"invalid tar header at byte {archive.offset}")
+
+
+def cut_header_name(cut: bytes) -> str:
+    """The member name in a header block the stream stopped inside, when its name field arrived
+    (NUL-terminated, or all 100 bytes) and, as far as it arrived, the block is a plain file's."""
+    field = cut[:100]
+    if b"\0" not in field and len(field) < 100:
+        return ""
+    if len(cut) > 156 and cut[156:157] not in (b"0", b"\0"):
+        return ""  # a link, or a PAX / GNU long-name header: not a member of a sample
+    name = field.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    name = name[2:] if name.startswith("./") else name
+    return "" if not name or "@" in name or unsafe_name(name) else name
+
+
+def fields_of(members: list[Member]) -> frozenset[str]:
+    return frozenset(split_name(m.name)[1].lower() for m in members)
 
 
 def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Rejected]:
@@ -195,16 +226,27 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
     being read when it broke, so nothing disappears without a count. A cut inside the first
     member of a sample (where most cuts of img2dataset shards land: the image comes first and is
     most of the bytes) names that sample; the one before it was complete and is kept.
+
+    A tar that stops on a member boundary without its end-of-archive blocks (some writers never
+    add them; GNU tar and Python's tarfile read such tars quietly) keeps its last sample when it
+    has the same members as the sample before it: then nothing of it can be missing. Otherwise
+    the last sample may have lost members and is rejected as `corrupt_tar`.
     """
-    key, bucket = "", []
+    key, bucket, before = "", [], None
     try:
         for member in tar_members(stream, limit):
             member_key, _ = split_name(member.name)
             if bucket and member_key != key:
                 yield assemble(key, source, bucket, limit)
-                bucket = []
+                before, bucket = fields_of(bucket), []
             key = member_key
             bucket.append(member)
+    except MissingEnd as err:
+        if bucket and fields_of(bucket) == before:
+            yield assemble(key, source, bucket, limit)
+        elif bucket:
+            yield Rejected(key, source, bucket[-1].name, "corrupt_tar", f"{err}: the last sample may be incomplete")
+        return
     except BrokenMember as broken:
         broken_key, _ = split_name(broken.name)
         if bucket and broken_key != key:
