@@ -201,9 +201,25 @@ def test_a_corrupt_header_in_the_middle_is_counted_not_swallowed():
     assert keys == ["s000"] and rejected == [("s001", "corrupt_tar")]
 
 
-def test_a_cut_on_a_block_boundary_is_counted():
-    keys, rejected = items_of(tar_of(10)[: 6 * 1024])  # three whole members, no end-of-archive
+def test_a_cut_on_a_block_boundary_inside_a_sample_is_counted():
+    keys, rejected = items_of(tar_of(10)[: 5 * 1024])  # s002.txt arrived, its .json did not
     assert keys == ["s000", "s001"] and rejected == [("s002", "corrupt_tar")]
+
+
+def test_a_tar_without_end_blocks_keeps_every_sample():
+    """Some writers never add the end-of-archive blocks: the last sample has every member its
+    neighbours have, so nothing of it can be missing."""
+    whole = tar_of(3)
+    assert items_of(whole[: 6 * 1024]) == (["s000", "s001", "s002"], [])
+
+
+def test_a_cut_inside_a_header_names_the_sample_it_starts():
+    """The header's name field arrived: the sample before it is complete, the cut one is named."""
+    data = tar_of(3)
+    keys, rejected = items_of(data[: 4 * 1024 + 300])  # 300 bytes into s002.txt's header
+    assert keys == ["s000", "s001"] and rejected == [("s002", "corrupt_tar")]
+    keys, rejected = items_of(data[: 4 * 1024 + 5])  # the name field cut: s001 cannot be shown whole
+    assert keys == ["s000"] and rejected == [("s001", "corrupt_tar")]
 
 
 def test_compressed_tars_of_every_kind():
@@ -213,3 +229,10 @@ def test_compressed_tars_of_every_kind():
     plain = tar_of(3)
     for packed in (gzip.compress(plain), bz2.compress(plain), lzma.compress(plain)):
         assert items_of(packed) == (["s000", "s001", "s002"], [])
+
+
+def test_webdatasets_pyd_members_are_pickles_never_loaded(tmp_path):
+    """`.pyd` is WebDataset's extension for pickled Python data: its decoder unpickles it."""
+    samples, rejected = crafted(tmp_path, lambda a: add(a, "obj.pyd", b"not even a pickle"))
+    assert [s["key"] for s in samples] == ["good1", "good2"]
+    assert [(r.key, r.reason) for r in rejected] == [("obj", "pickle_member")]
