@@ -136,6 +136,57 @@ class ChainedStream:
         return data + (self.raw.read(size - len(data)) if len(data) < size else b"")
 
 
+class Gunzip:
+    """The bytes of one or more gzip members in a row (as `gzip` reads them), inflated a tar
+    block at a time. A corrupt stream gives back what inflated before the break and raises on
+    the next read: the reader then still sees the header of the member the break is in, and
+    names its sample (gzip.GzipFile inflates 8 kB ahead and loses them with the error)."""
+
+    STEP = 512  # bytes out per inflate call
+    FEED = 1024  # bytes in per call: a short unconsumed tail to copy back
+
+    def __init__(self, raw):
+        self.raw, self.inflater, self.buffer, self.pos = raw, None, b"", 0
+        self.error: BaseException | None = None
+        self.ended = False
+
+    def read(self, size=-1) -> bytes:
+        if self.error is not None:
+            raise self.error
+        want, out = size if size is not None and size >= 0 else 1 << 62, bytearray()
+        try:
+            while len(out) < want and not self.ended:
+                out += self.step(min(self.STEP, want - len(out)))
+        except (zlib.error, EOFError, OSError) as err:
+            if not out:
+                raise
+            self.error = err
+        return bytes(out)
+
+    def step(self, size: int) -> bytes:
+        if self.pos == len(self.buffer):
+            self.buffer, self.pos = self.raw.read(1 << 16), 0
+            if not self.buffer:
+                if self.inflater is not None:
+                    raise EOFError("the compressed stream ends before its end-of-stream marker")
+                self.ended = True
+                return b""
+        if self.inflater is None:
+            while self.pos < len(self.buffer) and self.buffer[self.pos] == 0:
+                self.pos += 1  # zero padding between or after members, as gzip allows
+            if self.pos == len(self.buffer):
+                return b""
+            self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        feed = self.buffer[self.pos : self.pos + self.FEED]
+        data = self.inflater.decompress(feed, size)
+        if self.inflater.eof:
+            self.pos += len(feed) - len(self.inflater.unused_data)
+            self.inflater = None
+        else:
+            self.pos += len(feed) - len(self.inflater.unconsumed_tail)
+        return data
+
+
 def decompressed(stream):
     """The tar bytes of a plain, gzip, bz2 or xz stream (sniffed from its first bytes)."""
     import bz2
@@ -144,7 +195,7 @@ def decompressed(stream):
     head = stream.read(6)
     chained = ChainedStream(head, stream)
     if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=chained)
+        return Gunzip(chained)
     if head[:3] == b"BZh":
         return bz2.BZ2File(chained)
     if head[:6] == b"\xfd7zXZ\x00":
@@ -154,6 +205,10 @@ def decompressed(stream):
 
 class MissingEnd(tarfile.ReadError):
     """The stream stopped on a member boundary, without an end-of-archive block."""
+
+
+class UnnamedBreak(tarfile.ReadError):
+    """The stream broke before a member's name could be read: the sample it belongs to is unknown."""
 
 
 class BrokenMember(Exception):
@@ -171,9 +226,10 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
     on a block boundary; both would lose samples without a trace. A real end of archive is a
     zero block: anything else raises tarfile.ReadError after the last member.
     """
-    tracked = TailTracker(decompressed(stream))
+    raw = decompressed(stream)
+    tracked = TailTracker(raw)
     with tarfile.open(fileobj=tracked, mode="r|") as archive:
-        for info in archive:
+        for info in headers(archive, tracked):
             name = info.name[2:] if info.name.startswith("./") else info.name
             if info.isdir():
                 continue
@@ -190,6 +246,9 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
                     raise BrokenMember(name, err) from err
                 yield Member(name, data)
         end = tracked.block_at(archive.offset)
+    if not isinstance(raw, ChainedStream):
+        while tracked.read(1 << 16):  # to the end: a compressed stream's checksum comes last
+            pass
     if end is None:
         cut = tracked.after(archive.offset)
         name = cut_header_name(cut)
@@ -200,6 +259,23 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
         raise MissingEnd("the archive stops without an end-of-archive block")
     if any(end):
         raise tarfile.ReadError(f"invalid tar header at byte {archive.offset}")
+
+
+def headers(archive: tarfile.TarFile, tracked: TailTracker) -> Iterator[tarfile.TarInfo]:
+    """The archive's members; a stream that breaks while a header is read names that member,
+    when its name arrived before the break."""
+    members = iter(archive)
+    while True:
+        try:
+            info = next(members)
+        except StopIteration:
+            return
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            name = cut_header_name(tracked.after(archive.offset))
+            if name:
+                raise BrokenMember(name, err) from err
+            raise UnnamedBreak(f"{type(err).__name__}: {err}") from err
+        yield info
 
 
 def cut_header_name(cut: bytes) -> str:
@@ -246,6 +322,21 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
             yield assemble(key, source, bucket, limit)
         elif bucket:
             yield Rejected(key, source, bucket[-1].name, "corrupt_tar", f"{err}: the last sample may be incomplete")
+        return
+    except UnnamedBreak as err:
+        # Broken at a header whose name never arrived: the sample read last is whole when it has
+        # its neighbours' members; what broke is counted once, by the shard, with no key to give.
+        whole = bool(bucket) and fields_of(bucket) == before
+        if whole:
+            yield assemble(key, source, bucket, limit)
+        after = f" after sample {key}" if whole else ""
+        yield Rejected(
+            "" if whole else key,
+            source,
+            "" if whole else bucket[-1].name if bucket else "",
+            "corrupt_tar",
+            f"{err}: the stream breaks{after} before a member name could be read; the rest of the shard is lost",
+        )
         return
     except BrokenMember as broken:
         broken_key, _ = split_name(broken.name)

@@ -235,7 +235,8 @@ def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
     elif unit.kind == "shards":
         shard = Storage(unit.items[0])
         try:
-            stream = shard.fs.open_input_stream(shard.path())
+            # compression=None: our reader inflates .tar.gz itself, naming the sample a break is in
+            stream = shard.fs.open_input_stream(shard.path(), compression=None)
         except OSError as err:  # missing, a link loop, no permission: this shard only
             yield Rejected("", unit.items[0], "", "unreadable_shard", f"{type(err).__name__}: {err}")
             return
