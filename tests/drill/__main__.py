@@ -1,6 +1,6 @@
 """`make drill`: run every drill, print one table, exit non-zero if any case failed.
 
-    python -m tests.drill [--quick] [--only NAME ...] [--out runs/drill]
+python -m tests.drill [--quick] [--only NAME ...] [--out runs/drill]
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             found = [Row(drill.name, "-", "the drill runs", f"drill raised {type(err).__name__}: {err}", False)]
         rows += found
         failed = sum(not r.passed for r in found)
-        print(f"drill {drill.name}: {len(found)} cases, {failed} failed, {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"drill {drill.name}: {len(found)} cases, {failed} failed, {time.monotonic() - started:.0f} s", flush=True
+        )
     text = table(rows)
     (out / "table.md").write_text(text)
     print("\n" + text)

@@ -7,9 +7,7 @@ import pytest
 from tests.drill.case import table
 from tests.drill.registry import all_drills
 
-QUICK = [
-    pytest.param(d, id=d.name, marks=[pytest.mark.ray] if d.needs_ray else []) for d in all_drills() if not d.slow
-]
+QUICK = [pytest.param(d, id=d.name, marks=[pytest.mark.ray] if d.needs_ray else []) for d in all_drills() if not d.slow]
 
 
 @pytest.mark.drill
