@@ -9,9 +9,13 @@ prepare quarantine row (which names the stage's own shard as its source) finds i
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
+import pickle
 import tarfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +173,7 @@ SAMPLE_KINDS = [
         "a 20 kB .txt.gz member inflating to 20 MB (limit 16 MB)",
         "oversized_member (ingest): inflation stops at the limit",
         "oversized_member",
-        lambda c: [(".jpg", kit.jpeg(5)), (".txt.gz", __import__("gzip").compress(b" " * (20 << 20)))],
+        lambda c: [(".jpg", kit.jpeg(5)), (".txt.gz", gzip.compress(b" " * (20 << 20)))],
     ),
     sample_kind(
         "wav_corrupt_header",
@@ -303,13 +307,13 @@ def pickle_kind(ext: str, payload: Callable[[Path], bytes]) -> Callable:
     def build(folder: Path) -> Kind:
         marker = folder / f"{case}.UNPICKLED"
         control = folder / f"{case}.control"
-        # The payload is live: unpickled here (we made it), it creates its marker.
-        import pickle
-
-        if ext != "pth":
-            pickle.loads(payload(control))
-            assert control.exists(), "the planted pickle does not work"
-            control.unlink()
+        # The payload is live: a copy aimed at another file, unpickled here (we made it), creates it.
+        live = payload(control)
+        if ext == "pth":
+            live = zipfile.ZipFile(io.BytesIO(live)).read("archive/data.pkl")
+        pickle.loads(live)
+        assert control.exists(), "the planted pickle does not work"
+        control.unlink()
         plan, key = around(case, [(".jpg", kit.jpeg(9)), (".txt", b"a caption"), (f".{ext}", payload(marker))])
         path = write(folder, f"{case}.tar", kit.tar_bytes(plan.members))
         return Kind(

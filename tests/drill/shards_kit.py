@@ -140,11 +140,16 @@ def planted_pickle(marker: Path) -> bytes:
 
 
 def planted_torch(marker: Path) -> bytes:
-    """A `.pth` as torch.save writes it (a zip holding data.pkl) with the planted object."""
-    import torch
+    """A `.pth` laid out as torch.save writes it (a zip of archive/data.pkl, version, byteorder)
+    around the planted object: torch.load(weights_only=False) would run it. Built with zipfile,
+    so the drill does not import torch for it."""
+    import zipfile
 
     buffer = io.BytesIO()
-    torch.save({"weights": Planted(marker)}, buffer)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"weights": Planted(marker)}, protocol=2))
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
     return buffer.getvalue()
 
 
