@@ -124,6 +124,9 @@ class PrepareConfig(Strict):
     sample_rate: int = Field(16000, ge=4000, le=48000)
     max_audio_seconds: float = Field(1.0, gt=0, le=60)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    min_image_side: int = Field(
+        16, ge=1, le=1024, description="images with a shorter side are quarantined (image_too_small)"
+    )
     max_text_chars: int = Field(512, ge=1)
     max_text_len: int = Field(48, ge=4, le=1024, description="tokens, <bos> and <eos> included")
     # The reader's member limit is ingest's: the pipeline fills it from ingest.max_member_mb.

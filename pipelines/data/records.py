@@ -20,7 +20,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
 TEXT_EXTS = ("txt", "text", "caption")
 # Serialised Python objects: loading any of them can run arbitrary code, so they are refused.
-PICKLE_EXTS = ("pth", "pt", "pkl", "pickle", "ckpt", "joblib")
+# `pyd` is WebDataset's own extension for pickled Python data (its decoder unpickles it).
+PICKLE_EXTS = ("pth", "pt", "pkl", "pickle", "pyd", "ckpt", "joblib")
 
 SCHEMA = pa.schema(
     [

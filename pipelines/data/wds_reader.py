@@ -110,6 +110,10 @@ class TailTracker:
         self.tail = (self.tail + data)[-self.KEEP :]
         return data
 
+    def after(self, offset: int) -> bytes:
+        """The bytes delivered from `offset` to the end of the stream (what is still kept)."""
+        return self.tail[-(self.total - offset) :] if self.total > offset else b""
+
     def block_at(self, offset: int) -> bytes | None:
         """The 512 bytes at `offset` of the stream, if they were delivered and are still kept."""
         start = offset - (self.total - len(self.tail))
@@ -132,6 +136,57 @@ class ChainedStream:
         return data + (self.raw.read(size - len(data)) if len(data) < size else b"")
 
 
+class Gunzip:
+    """The bytes of one or more gzip members in a row (as `gzip` reads them), inflated a tar
+    block at a time. A corrupt stream gives back what inflated before the break and raises on
+    the next read: the reader then still sees the header of the member the break is in, and
+    names its sample (gzip.GzipFile inflates 8 kB ahead and loses them with the error)."""
+
+    STEP = 512  # bytes out per inflate call
+    FEED = 1024  # bytes in per call: a short unconsumed tail to copy back
+
+    def __init__(self, raw):
+        self.raw, self.inflater, self.buffer, self.pos = raw, None, b"", 0
+        self.error: BaseException | None = None
+        self.ended = False
+
+    def read(self, size=-1) -> bytes:
+        if self.error is not None:
+            raise self.error
+        want, out = size if size is not None and size >= 0 else 1 << 62, bytearray()
+        try:
+            while len(out) < want and not self.ended:
+                out += self.step(min(self.STEP, want - len(out)))
+        except (zlib.error, EOFError, OSError) as err:
+            if not out:
+                raise
+            self.error = err
+        return bytes(out)
+
+    def step(self, size: int) -> bytes:
+        if self.pos == len(self.buffer):
+            self.buffer, self.pos = self.raw.read(1 << 16), 0
+            if not self.buffer:
+                if self.inflater is not None:
+                    raise EOFError("the compressed stream ends before its end-of-stream marker")
+                self.ended = True
+                return b""
+        if self.inflater is None:
+            while self.pos < len(self.buffer) and self.buffer[self.pos] == 0:
+                self.pos += 1  # zero padding between or after members, as gzip allows
+            if self.pos == len(self.buffer):
+                return b""
+            self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        feed = self.buffer[self.pos : self.pos + self.FEED]
+        data = self.inflater.decompress(feed, size)
+        if self.inflater.eof:
+            self.pos += len(feed) - len(self.inflater.unused_data)
+            self.inflater = None
+        else:
+            self.pos += len(feed) - len(self.inflater.unconsumed_tail)
+        return data
+
+
 def decompressed(stream):
     """The tar bytes of a plain, gzip, bz2 or xz stream (sniffed from its first bytes)."""
     import bz2
@@ -140,12 +195,20 @@ def decompressed(stream):
     head = stream.read(6)
     chained = ChainedStream(head, stream)
     if head[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=chained)
+        return Gunzip(chained)
     if head[:3] == b"BZh":
         return bz2.BZ2File(chained)
     if head[:6] == b"\xfd7zXZ\x00":
         return lzma.LZMAFile(chained)
     return chained
+
+
+class MissingEnd(tarfile.ReadError):
+    """The stream stopped on a member boundary, without an end-of-archive block."""
+
+
+class UnnamedBreak(tarfile.ReadError):
+    """The stream broke before a member's name could be read: the sample it belongs to is unknown."""
 
 
 class BrokenMember(Exception):
@@ -163,9 +226,10 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
     on a block boundary; both would lose samples without a trace. A real end of archive is a
     zero block: anything else raises tarfile.ReadError after the last member.
     """
-    tracked = TailTracker(decompressed(stream))
+    raw = decompressed(stream)
+    tracked = TailTracker(raw)
     with tarfile.open(fileobj=tracked, mode="r|") as archive:
-        for info in archive:
+        for info in headers(archive, tracked):
             name = info.name[2:] if info.name.startswith("./") else info.name
             if info.isdir():
                 continue
@@ -182,10 +246,53 @@ def tar_members(stream: IO[bytes], limit: int) -> Iterator[Member]:
                     raise BrokenMember(name, err) from err
                 yield Member(name, data)
         end = tracked.block_at(archive.offset)
+    if not isinstance(raw, ChainedStream):
+        while tracked.read(1 << 16):  # to the end: a compressed stream's checksum comes last
+            pass
     if end is None:
-        raise tarfile.ReadError("the archive stops without an end-of-archive block (truncated)")
+        cut = tracked.after(archive.offset)
+        name = cut_header_name(cut)
+        if name:
+            raise BrokenMember(name, tarfile.ReadError(f"the archive stops inside the header of {name}"))
+        if any(cut):
+            raise tarfile.ReadError("the archive stops inside a member header")
+        raise MissingEnd("the archive stops without an end-of-archive block")
     if any(end):
         raise tarfile.ReadError(f"invalid tar header at byte {archive.offset}")
+
+
+def headers(archive: tarfile.TarFile, tracked: TailTracker) -> Iterator[tarfile.TarInfo]:
+    """The archive's members; a stream that breaks while a header is read names that member,
+    when its name arrived before the break."""
+    members = iter(archive)
+    while True:
+        try:
+            info = next(members)
+        except StopIteration:
+            return
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            name = cut_header_name(tracked.after(archive.offset))
+            if name:
+                raise BrokenMember(name, err) from err
+            raise UnnamedBreak(f"{type(err).__name__}: {err}") from err
+        yield info
+
+
+def cut_header_name(cut: bytes) -> str:
+    """The member name in a header block the stream stopped inside, when its name field arrived
+    (NUL-terminated, or all 100 bytes) and, as far as it arrived, the block is a plain file's."""
+    field = cut[:100]
+    if b"\0" not in field and len(field) < 100:
+        return ""
+    if len(cut) > 156 and cut[156:157] not in (b"0", b"\0"):
+        return ""  # a link, or a PAX / GNU long-name header: not a member of a sample
+    name = field.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    name = name[2:] if name.startswith("./") else name
+    return "" if not name or "@" in name or unsafe_name(name) else name
+
+
+def fields_of(members: list[Member]) -> frozenset[str]:
+    return frozenset(split_name(m.name)[1].lower() for m in members)
 
 
 def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Rejected]:
@@ -195,16 +302,42 @@ def read_tar(stream: IO[bytes], source: str, limit: int) -> Iterator[dict | Reje
     being read when it broke, so nothing disappears without a count. A cut inside the first
     member of a sample (where most cuts of img2dataset shards land: the image comes first and is
     most of the bytes) names that sample; the one before it was complete and is kept.
+
+    A tar that stops on a member boundary without its end-of-archive blocks (some writers never
+    add them; GNU tar and Python's tarfile read such tars quietly) keeps its last sample when it
+    has the same members as the sample before it: then nothing of it can be missing. Otherwise
+    the last sample may have lost members and is rejected as `corrupt_tar`.
     """
-    key, bucket = "", []
+    key, bucket, before = "", [], None
     try:
         for member in tar_members(stream, limit):
             member_key, _ = split_name(member.name)
             if bucket and member_key != key:
                 yield assemble(key, source, bucket, limit)
-                bucket = []
+                before, bucket = fields_of(bucket), []
             key = member_key
             bucket.append(member)
+    except MissingEnd as err:
+        if bucket and fields_of(bucket) == before:
+            yield assemble(key, source, bucket, limit)
+        elif bucket:
+            yield Rejected(key, source, bucket[-1].name, "corrupt_tar", f"{err}: the last sample may be incomplete")
+        return
+    except UnnamedBreak as err:
+        # Broken at a header whose name never arrived: the sample read last is whole when it has
+        # its neighbours' members; what broke is counted once, by the shard, with no key to give.
+        whole = bool(bucket) and fields_of(bucket) == before
+        if whole:
+            yield assemble(key, source, bucket, limit)
+        after = f" after sample {key}" if whole else ""
+        yield Rejected(
+            "" if whole else key,
+            source,
+            "" if whole else bucket[-1].name if bucket else "",
+            "corrupt_tar",
+            f"{err}: the stream breaks{after} before a member name could be read; the rest of the shard is lost",
+        )
+        return
     except BrokenMember as broken:
         broken_key, _ = split_name(broken.name)
         if bucket and broken_key != key:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -52,6 +54,9 @@ def ingest(cfg: IngestConfig, ctx: StageContext) -> StageResult:
         combos.update(part["combinations"])
         reasons.update(r["reason"] for r in part["rejected"])
         rejected.extend(part["rejected"])
+    for r in rejected:
+        if r["reason"] == "unreadable_shard":
+            print(f"ingest: warning: shard {r['source']} cannot be read ({r['detail']}); the other shards are read")
     ctx.output.write_bytes("".join(json.dumps(r) + "\n" for r in rejected).encode(), "quarantine.jsonl")
     ctx.output.write_json(
         {"source": cfg.source, "path": cfg.path, "files": source_listing(cfg) or []}, "source_index.json"
@@ -157,10 +162,24 @@ def chunk(items: list, size: int, kind: str) -> list[Unit]:
 def shard_files(source: Storage) -> list[str]:
     if source.fs.get_file_info(source.path()).is_file:
         return [source.uri]
-    files = [f for f in source.list_files() if f.endswith(SHARD_SUFFIXES)]
+    files = [f for f in source.list_files() if f.endswith(SHARD_SUFFIXES)] + broken_links(source)
     if not files:
         raise StageInputError(f"ingest.path {source.uri}: no .tar/.tar.gz/.tgz shards found")
-    return [source.child(f).uri for f in files]
+    return [source.child(f).uri for f in sorted(files)]
+
+
+def broken_links(source: Storage) -> list[str]:
+    """Shard names in a local folder that lead nowhere (a link to a missing file or a link loop):
+    the filesystem listing leaves them out, so they would vanish without a word. Listed, they
+    reach a read task, which quarantines each as `unreadable_shard` with one line."""
+    if not isinstance(source.fs, pafs.LocalFileSystem):
+        return []
+    root = Path(source.path())
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.name.endswith(SHARD_SUFFIXES) and p.is_symlink() and not os.path.exists(p)
+    )
 
 
 def folder_groups(source: Storage) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -224,7 +243,13 @@ def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
         yield from (world.sample(i) for i in range(start, stop))
     elif unit.kind == "shards":
         shard = Storage(unit.items[0])
-        with shard.fs.open_input_stream(shard.path()) as stream:
+        try:
+            # compression=None: our reader inflates .tar.gz itself, naming the sample a break is in
+            stream = shard.fs.open_input_stream(shard.path(), compression=None)
+        except OSError as err:  # missing, a link loop, no permission: this shard only
+            yield Rejected("", unit.items[0], "", "unreadable_shard", f"{type(err).__name__}: {err}")
+            return
+        with stream:
             yield from read_tar(stream, unit.items[0], limit)
     elif unit.kind == "folder":
         for key, files in unit.items:

@@ -48,7 +48,12 @@ SUMMARY_FIELDS = (
 
 def decode_settings(cfg: PrepareConfig) -> DecodeSettings:
     return DecodeSettings(
-        cfg.image_size, cfg.max_image_pixels, cfg.sample_rate, cfg.max_audio_seconds, cfg.max_text_chars
+        cfg.image_size,
+        cfg.max_image_pixels,
+        cfg.sample_rate,
+        cfg.max_audio_seconds,
+        cfg.max_text_chars,
+        cfg.min_image_side,
     )
 
 

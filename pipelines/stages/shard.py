@@ -4,12 +4,15 @@ Member names follow img2dataset (`key.jpg`, `key.txt`, `key.wav`/`key.flac`, `ke
 other tools read our shards and we read theirs. A sample's split depends only on a hash of its
 key: stable across runs, and adding samples never moves existing ones. Tars are byte-for-byte
 reproducible (fixed mtime and owner), and `index.json` lists each shard's sample count, byte
-size and sha256.
+size and sha256. A key seen again (twice in one shard, or one sample's members split over
+two shards) keeps its first sample, in shard order; each later copy is quarantined in
+`quarantine.jsonl` as `duplicate_key`, never merged into the first nor dropped unseen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -44,12 +47,13 @@ def split_of(key: str, splits: dict[str, float]) -> str:
 def shard(cfg: ShardConfig, ctx: StageContext) -> StageResult:
     parts_store = Storage(ctx.inputs["ingest"].outputs["parts"])
     parts = [parts_store.child(p).uri for p in parts_store.list_files(suffix=".parquet")]
-    duplicates = duplicate_rows(parts)
+    duplicates, quarantined = duplicate_rows(parts)
     units = [(index, uri, sorted(duplicates.get(index, []))) for index, uri in enumerate(parts)]
     written = map_tasks(write_shards, units, desc="shards", cfg=cfg, out=ctx.output)
     index = build_index([entry for part in written for entry in part], cfg)
     ctx.output.write_json(index, "index.json")
-    dropped = sum(len(rows) for rows in duplicates.values())
+    ctx.output.write_bytes("".join(json.dumps(r) + "\n" for r in quarantined).encode(), "quarantine.jsonl")
+    dropped = len(quarantined)
     metrics = {
         "shards": sum(len(s["shards"]) for s in index["splits"].values()),
         "duplicate_keys": dropped,
@@ -63,27 +67,47 @@ def shard(cfg: ShardConfig, ctx: StageContext) -> StageResult:
         + ", ".join(
             f"{name} {s['samples']} samples in {len(s['shards'])} shards" for name, s in index["splits"].items()
         )
+        + (f"; {dropped} later copies of a key quarantined (duplicate_key)" if dropped else "")
     )
     return StageResult(
-        outputs={"shards": ctx.output.uri, "index": ctx.output.uri + "/index.json"},
+        outputs={
+            "shards": ctx.output.uri,
+            "index": ctx.output.uri + "/index.json",
+            "quarantine": ctx.output.uri + "/quarantine.jsonl",
+        },
         metrics=metrics,
         summary={"splits": {n: s["samples"] for n, s in index["splits"].items()}, "duplicate_keys": dropped},
-        tables={"shards": [{"split": n, **sh} for n, s in index["splits"].items() for sh in s["shards"]]},
+        tables={
+            "shards": [{"split": n, **sh} for n, s in index["splits"].items() for sh in s["shards"]],
+            "quarantine": quarantined[:5000],
+        },
     )
 
 
-def duplicate_rows(parts: list[str]) -> dict[int, list[int]]:
-    """Rows whose key appeared earlier (in part order): the first occurrence wins."""
-    seen: set[str] = set()
+def duplicate_rows(parts: list[str]) -> tuple[dict[int, list[int]], list[dict]]:
+    """Rows whose key appeared earlier (in part order; the first occurrence wins), by part, and
+    a quarantine line for each (key, source, reason, and where the kept copy came from)."""
+    first: dict[str, str] = {}
     duplicates: dict[int, list[int]] = {}
+    quarantined = []
     for index, uri in enumerate(parts):
         part = Storage(uri)
-        keys = pq.read_table(part.path(), columns=["key"], filesystem=part.fs).column("key").to_pylist()
-        for row, key in enumerate(keys):
-            if key in seen:
+        table = pq.read_table(part.path(), columns=["key", "source"], filesystem=part.fs)
+        for row, (key, source) in enumerate(zip(*(table.column(c).to_pylist() for c in ("key", "source")))):
+            if key in first:
                 duplicates.setdefault(index, []).append(row)
-            seen.add(key)
-    return duplicates
+                quarantined.append(
+                    {
+                        "key": key,
+                        "source": source,
+                        "member": "",
+                        "reason": "duplicate_key",
+                        "detail": f"a sample with this key came first from {first[key]}: that one is kept",
+                    }
+                )
+            else:
+                first[key] = source
+    return duplicates, quarantined
 
 
 class HashingWriter:

@@ -47,7 +47,8 @@ def good(archive, key: str, caption: str = "a red square"):
 
 # Every quarantine reason of the issue, one crafted sample each, between good samples.
 BAD_SAMPLES = {
-    "truncated_image": lambda a: (add(a, "trunc.jpg", jpeg()[:200]), add(a, "trunc.txt", b"x")),
+    # Cut in the pixel data: a cut inside the header is undecodable_image (see decode_image).
+    "truncated_image": lambda a: (add(a, "trunc.jpg", jpeg()[:-8]), add(a, "trunc.txt", b"x")),
     "empty_member": lambda a: (add(a, "hollow.jpg", b""), add(a, "hollow.txt", b"x")),
     "undecodable_text": lambda a: add(a, "latin.txt", "caf\xe9 au lait".encode("latin-1")),
     "bad_audio_header": lambda a: (

@@ -128,3 +128,76 @@ def test_metadata_and_class_labels():
     with pytest.raises(Unusable) as caught:
         decode_meta(b"[1, 2]", None)
     assert caught.value.reason == "invalid_json"
+
+
+def jpeg_bytes(size=48) -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_random_bytes_behind_a_jpeg_magic_are_undecodable_not_truncated():
+    garbage = b"\xff\xd8\xff\xe0" + np.random.default_rng(1).bytes(3000)
+    assert reason_of(decode_image, garbage) == "undecodable_image"
+    whole = jpeg_bytes()
+    assert reason_of(decode_image, whole[:100]) == "undecodable_image"  # cut in the header: unknowable
+    assert reason_of(decode_image, whole[:-10]) == "truncated_image"  # header whole, pixels stop early
+
+
+def test_an_image_under_the_minimum_side_is_too_small():
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tiny, format="PNG")
+    assert reason_of(decode_image, tiny.getvalue()) == "image_too_small"
+    allowed = DecodeSettings(image_size=64, min_image_side=1)
+    assert decode_image(tiny.getvalue(), allowed).shape == (64, 64, 3)
+
+
+def flac_of(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16") as clip:
+        for start in range(0, len(samples), rate * 60):
+            clip.write(samples[start : start + rate * 60])
+    return buffer.getvalue()
+
+
+def test_an_hour_of_audio_reads_only_the_frames_the_model_uses():
+    import tracemalloc
+
+    rate = 8000
+    minute = np.zeros(rate * 60, dtype=np.float32)
+    minute[: rate // 2] = 0.25  # the first half second of each minute
+    data = flac_of(np.tile(minute, 60), rate)  # an hour: 115 MB as float32, ~100 kB as FLAC
+    tracemalloc.start()
+    wave, valid = decode_audio(data, DecodeSettings(max_audio_seconds=1.0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak} bytes: more than the model's second was read"
+    assert (len(wave), valid) == (16000, 16000)
+    assert wave[1000:7000].mean() == pytest.approx(0.25, abs=0.01) and abs(wave[9000:15000]).max() < 0.01
+    # Past the model's window a float WAV may hold anything: never read, never a reason.
+    tail = np.concatenate([np.full(17000, 0.1, np.float32), np.full(16000, np.nan, np.float32)])
+    assert decode_audio(wav(tail, 16000, "FLOAT"), DecodeSettings(max_audio_seconds=1.0))[1] == 16000
+
+
+def test_a_flac_cut_mid_frame_is_truncated_audio():
+    t = np.arange(16000) / 16000
+    data = flac_of((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    assert reason_of(decode_audio, data[: len(data) // 2]) == "truncated_audio"
+
+
+@pytest.mark.parametrize(
+    "meta, field",
+    [({"question": ["what"]}, "question"), ({"answer": {"a": 1}}, "answer"), ({"label": True}, "label")],
+)
+def test_json_fields_of_the_wrong_type_are_invalid(meta, field):
+    import json
+
+    with pytest.raises(Unusable, match=f"{field} must be a string or a number") as caught:
+        decode_meta(json.dumps(meta).encode(), None)
+    assert caught.value.reason == "invalid_json"
+    assert decode_meta(b'{"question": "how many?", "answer": 0, "label": 3}', None) == {
+        "question": "how many?",
+        "answer": "0",
+        "label": "3",
+    }

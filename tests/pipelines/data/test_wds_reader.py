@@ -7,6 +7,7 @@ import io
 import pickle
 import tarfile
 
+import numpy as np
 import pytest
 
 from pipelines.data.wds_reader import Rejected, read_tar, split_name
@@ -151,9 +152,13 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     cut = tmp_path / "cut.tar"
     cut.write_bytes(path.read_bytes()[:3000])
     samples, rejected = read(cut)
-    # s1's member arrived whole, but more of s1 may have been lost with the rest: rejected, by key.
-    assert [s["key"] for s in samples] == ["s0"]
-    assert [(r.key, r.reason) for r in rejected] == [("s1", "corrupt_tar")]
+    # s1's member arrived whole and it has every member s0 has: kept. The cut (in its padding,
+    # before the next header) is one row for the shard: no sample name arrived to give it.
+    assert [s["key"] for s in samples] == ["s0", "s1"]
+    assert [(r.key, r.reason) for r in rejected] == [("", "corrupt_tar")]
+    cut.write_bytes(path.read_bytes()[:2500])  # inside s1's data: s1 is named
+    samples, rejected = read(cut)
+    assert [s["key"] for s in samples] == ["s0"] and [(r.key, r.reason) for r in rejected] == [("s1", "corrupt_tar")]
 
 
 @pytest.mark.parametrize("where", ["first", "later"])
@@ -201,9 +206,25 @@ def test_a_corrupt_header_in_the_middle_is_counted_not_swallowed():
     assert keys == ["s000"] and rejected == [("s001", "corrupt_tar")]
 
 
-def test_a_cut_on_a_block_boundary_is_counted():
-    keys, rejected = items_of(tar_of(10)[: 6 * 1024])  # three whole members, no end-of-archive
+def test_a_cut_on_a_block_boundary_inside_a_sample_is_counted():
+    keys, rejected = items_of(tar_of(10)[: 5 * 1024])  # s002.txt arrived, its .json did not
     assert keys == ["s000", "s001"] and rejected == [("s002", "corrupt_tar")]
+
+
+def test_a_tar_without_end_blocks_keeps_every_sample():
+    """Some writers never add the end-of-archive blocks: the last sample has every member its
+    neighbours have, so nothing of it can be missing."""
+    whole = tar_of(3)
+    assert items_of(whole[: 6 * 1024]) == (["s000", "s001", "s002"], [])
+
+
+def test_a_cut_inside_a_header_names_the_sample_it_starts():
+    """The header's name field arrived: the sample before it is complete, the cut one is named."""
+    data = tar_of(3)
+    keys, rejected = items_of(data[: 4 * 1024 + 300])  # 300 bytes into s002.txt's header
+    assert keys == ["s000", "s001"] and rejected == [("s002", "corrupt_tar")]
+    keys, rejected = items_of(data[: 4 * 1024 + 5])  # the name field cut: s001 cannot be shown whole
+    assert keys == ["s000"] and rejected == [("s001", "corrupt_tar")]
 
 
 def test_compressed_tars_of_every_kind():
@@ -213,3 +234,36 @@ def test_compressed_tars_of_every_kind():
     plain = tar_of(3)
     for packed in (gzip.compress(plain), bz2.compress(plain), lzma.compress(plain)):
         assert items_of(packed) == (["s000", "s001", "s002"], [])
+
+
+def test_webdatasets_pyd_members_are_pickles_never_loaded(tmp_path):
+    """`.pyd` is WebDataset's extension for pickled Python data: its decoder unpickles it."""
+    samples, rejected = crafted(tmp_path, lambda a: add(a, "obj.pyd", b"not even a pickle"))
+    assert [s["key"] for s in samples] == ["good1", "good2"]
+    assert [(r.key, r.reason) for r in rejected] == [("obj", "pickle_member")]
+
+
+def test_a_corrupt_gzip_stream_names_the_sample_it_breaks_in():
+    """Inflated a block at a time, so the break is blamed on its own sample, not the one
+    before it (gzip.GzipFile inflates 8 kB ahead and raises while the previous one is read)."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).bytes(20_000)  # stored, not compressed: the flip lands in it
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for i in range(4):
+            add(archive, f"s{i}.txt", b"caption")
+            add(archive, f"s{i}.wav", noise)
+    plain = buffer.getvalue()
+    split = 3 * (2 * 512 + 512 + 20_480)  # s3.txt's header: s3 and the end in a second gzip member
+    tail = bytearray(gzip.compress(plain[split:], mtime=0))
+    tail[len(tail) // 2] ^= 0xFF
+    packed = gzip.compress(plain[:split], mtime=0) + bytes(tail)
+    assert items_of(packed) == (["s0", "s1", "s2"], [("s3", "corrupt_tar")])
+
+
+def test_a_gzip_stream_broken_before_a_name_keeps_the_whole_sample_before_it():
+    plain = tar_of(4)
+    split = 6 * 1024  # s003.txt's header, the first bytes of a second gzip member
+    tail = bytearray(gzip.compress(plain[split:], mtime=0))
+    tail[12] ^= 0xFF  # in its first deflate block: nothing of s003 inflates
+    packed = gzip.compress(plain[:split], mtime=0) + bytes(tail)
+    assert items_of(packed) == (["s000", "s001", "s002"], [("", "corrupt_tar")])

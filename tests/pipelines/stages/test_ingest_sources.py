@@ -154,3 +154,28 @@ def test_a_manifests_fingerprint_follows_its_lines_and_media_not_its_folder(tmp_
     assert changed != before
     manifest.write_text(manifest.read_text() + json.dumps({"key": "b", "text": "another"}) + "\n")
     assert source_fingerprint(cfg) not in (before, changed)
+
+
+def test_a_shard_that_cannot_be_read_is_one_quarantine_line_not_a_failed_stage(tmp_path):
+    """A link to a missing file or a link loop: the filesystem listing would leave it out."""
+    import os
+
+    from pipelines.config.ingest import IngestConfig
+    from pipelines.stages.ingest import Unit, shard_files, unit_samples
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with tarfile.open(folder / "good.tar", "w") as archive:
+        info = tarfile.TarInfo("s1.txt")
+        info.size = 4
+        archive.addfile(info, __import__("io").BytesIO(b"text"))
+    os.symlink(tmp_path / "gone" / "x.tar", folder / "missing.tar")
+    os.symlink("loop.tar", folder / "loop.tar")
+    files = shard_files(Storage(str(folder)))
+    assert [posixpath.basename(f) for f in files] == ["good.tar", "loop.tar", "missing.tar"]
+    cfg = IngestConfig(source="shards", path=str(folder))
+    found = {posixpath.basename(f): list(unit_samples(Unit(0, "shards", [f]), cfg)) for f in files}
+    assert [s["key"] for s in found["good.tar"]] == ["s1"]
+    for name in ("loop.tar", "missing.tar"):
+        [rejected] = found[name]
+        assert (rejected.key, rejected.reason, rejected.source) == ("", "unreadable_shard", files[0][:-8] + name)

@@ -121,3 +121,25 @@ def test_stage_runs_carry_metrics_and_tables(sharded):
     assert len(table["data"]) == shard_run.data.metrics["shards"]
     ingest_run = client.get_run(sharded.by_name()["ingest"].run_id)
     assert ingest_run.data.metrics["samples"] == 240 and ingest_run.data.params["ingest.demo.num_samples"] == "240"
+
+
+def test_a_later_copy_of_a_key_is_quarantined_with_its_source_not_merged(tmp_path):
+    from pipelines.data.records import empty_record, to_table
+    from pipelines.stages.shard import duplicate_rows
+
+    def part(name, rows):
+        path = tmp_path / name
+        pq.write_table(to_table([empty_record(key, source) | {"text": b"t"} for key, source in rows]), path)
+        return str(path)
+
+    parts = [
+        part("a.parquet", [("k1", "a.tar"), ("k2", "a.tar"), ("k1", "a.tar")]),
+        part("b.parquet", [("k2", "b.tar"), ("k3", "b.tar")]),
+    ]
+    skip, quarantined = duplicate_rows(parts)
+    assert skip == {0: [2], 1: [0]}
+    assert [(q["key"], q["source"], q["reason"]) for q in quarantined] == [
+        ("k1", "a.tar", "duplicate_key"),
+        ("k2", "b.tar", "duplicate_key"),
+    ]
+    assert "came first from a.tar" in quarantined[1]["detail"]
