@@ -68,3 +68,10 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
     assert load_rng(tmp_path, 0)
     assert (random.random(), np.random.normal(), torch.rand(1).item()) == expected
     torch.load(tmp_path / "rng-rank0.pt", weights_only=True)  # plain tensors and numbers only
+
+
+def test_an_old_pickled_rng_state_is_refused_not_loaded(tmp_path):
+    from pipelines.training.engine import load_rng
+
+    torch.save({"numpy": np.random.get_state()}, tmp_path / "rng-rank0.pt")  # an ndarray: a pickle global
+    assert load_rng(tmp_path, 0) is False

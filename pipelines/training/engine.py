@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -210,7 +211,11 @@ def load_rng(folder: Path, rank: int) -> bool:
     path = folder / f"rng-rank{rank}.pt"
     if not path.exists():
         return False
-    state = torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # written by an older version as a full pickle: never loaded
+        print(f"{path.name}: not a plain-tensor RNG state, not loaded; the random streams start afresh")
+        return False
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
