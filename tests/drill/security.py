@@ -388,6 +388,69 @@ def secrets_redacted(scratch: Path) -> list[Row]:
         server.stop()
 
 
+# -- paths out of the data root ---------------------------------------------------------------
+def escape_sources(scratch: Path) -> tuple[Path, Path, Path]:
+    """A manifest and a folder source, each with good samples and media that point outside."""
+    from PIL import Image
+
+    data, folder, outside = scratch / "data", scratch / "folder", scratch / "outside"
+    for path in (data / "media", folder, outside):
+        path.mkdir(parents=True)
+    (outside / "secret.png").write_bytes(b"never to be read")
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(data / "media" / "red.png")
+    (data / "media" / "link.png").symlink_to(outside / "secret.png")
+    lines = [
+        {"key": "good-image", "image": "media/red.png", "text": "a red square"},
+        {"key": "good-text", "text": "only words"},
+        {"key": "dotdot", "image": "../../../../../../../../etc/passwd", "text": "x"},
+        {"key": "absolute", "image": str(outside / "secret.png"), "text": "x"},
+        {"key": "symlink", "image": "media/link.png", "text": "x"},
+    ]
+    (data / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "good.txt").write_text("a caption")
+    (folder / "out.txt").symlink_to(outside / "secret.png")
+    return data / "manifest.jsonl", folder, outside
+
+
+def paths_escape(scratch: Path) -> list[Row]:
+    """The ingest stage's own reading code (plan_units, unit_samples) on both sources."""
+    from pipelines.config.ingest import IngestConfig
+    from pipelines.data.wds_reader import Rejected
+    from pipelines.stages.ingest import plan_units, source_listing, unit_samples
+
+    manifest, folder, outside = escape_sources(scratch)
+    rows = []
+    cases = [
+        ("manifest paths out of its folder", "jsonl", manifest, {"dotdot", "absolute", "symlink"}, 5),
+        ("folder symlink out", "folder", folder, {"out"}, 2),
+    ]
+    for case, source, path, bad, total in cases:
+        cfg = IngestConfig(source=source, path=str(path))
+        units, rejected = plan_units(cfg)
+        items = [item for unit in units for item in unit_samples(unit, cfg)]
+        quarantined = {i.key: i.reason for i in items if isinstance(i, Rejected)}
+        kept = sorted(i["key"] for i in items if not isinstance(i, Rejected))
+        listed = [f["path"] for f in source_listing(cfg) or [] if str(outside) in f["path"] or "/etc/" in f["path"]]
+        rows.append(
+            Row(
+                case,
+                f"ingest.source={source}: "
+                + (
+                    "'../../etc/passwd', an absolute path elsewhere, a symlink out"
+                    if source == "jsonl"
+                    else "a symlink to a file outside"
+                ),
+                "each quarantined as path_outside_root with its key, never read or listed; good samples kept",
+                f"kept {kept}; quarantined {quarantined}" + (f"; listed {listed}" if listed else ""),
+                quarantined == dict.fromkeys(bad, "path_outside_root") and len(kept) == total - len(bad) and not listed,
+                samples_in=total,
+                samples_out=len(kept),
+                quarantined=len(quarantined),
+            )
+        )
+    return rows
+
+
 # -- portability --------------------------------------------------------------------------------
 TRAIN_FROM_COPY = """
 import json, sys
@@ -502,6 +565,7 @@ def portable_spec(scratch: Path) -> list[Row]:
 DRILLS = [
     Drill("unsafe_loads", "security", unsafe_loads),
     Drill("service_binds", "security", static_binds),
+    Drill("paths_escape", "security", paths_escape),
     Drill("secrets_redacted", "security", secrets_redacted, slow=True, needs_ray=True),
     Drill("ray_core_ports", "security", ray_core_ports, slow=True, needs_ray=True),
     Drill("portable_spec", "portability", portable_spec, slow=True, needs_ray=True),
