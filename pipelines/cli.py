@@ -13,6 +13,7 @@ import sys
 from pipelines import env
 from pipelines.apps import cli as apps_cli
 from pipelines.errors import UserError
+from pipelines.redact import redact
 
 USAGE_ERROR, STAGE_FAILED = 2, 1
 
@@ -108,9 +109,10 @@ def command_run(args) -> int:
         f"{s.name} {s.state}" + (f" ({s.seconds:.1f} s)" if s.state == "ran" else "") for s in outcome.stages
     )
     print(f"\n{outcome.status}: {summary}")
-    print(f"results under {outcome.storage_uri}")
-    print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}")
-    print(f"open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1)")
+    print(redact(f"results under {outcome.storage_uri}"))
+    print(redact(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}"))
+    store = redact(outcome.tracking_uri)
+    print(f"open the MLflow UI: make ui   (or: mlflow ui --backend-store-uri {store} --host 127.0.0.1)")
     registered = outcome.by_name().get("register")
     if registered is not None and registered.state in ("ran", "reused"):
         from pipelines.runner import stage_summary

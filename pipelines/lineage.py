@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from pipelines.config.services import MlflowConfig
+from pipelines.redact import redact, redact_bytes, redact_tree
 
 KIND = "crossmodal.kind"
 # MLflow 3.17's UI opens an experiment without this tag in its GenAI view, where runs, metrics
@@ -130,22 +131,24 @@ class Lineage:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={
-                KIND: "pipeline",
-                "crossmodal.pipeline": name,
-                "crossmodal.git_commit": commit,
-                "crossmodal.git_dirty": str(dirty).lower(),
-                MLFLOW_GIT_COMMIT: commit,
-                "crossmodal.host": socket.gethostname(),
-                "crossmodal.driver_pid": str(pid),
-                "crossmodal.driver_start": process_start(pid),
-                **job,
-                **tags,
-            },
+            tags=redact_tree(
+                {
+                    KIND: "pipeline",
+                    "crossmodal.pipeline": name,
+                    "crossmodal.git_commit": commit,
+                    "crossmodal.git_dirty": str(dirty).lower(),
+                    MLFLOW_GIT_COMMIT: commit,
+                    "crossmodal.host": socket.gethostname(),
+                    "crossmodal.driver_pid": str(pid),
+                    "crossmodal.driver_start": process_start(pid),
+                    **job,
+                    **tags,
+                }
+            ),
         )
         run_id = run.info.run_id
         self.log_params(run_id, params)
-        self.client.log_text(run_id, config_yaml, "config.yaml")
+        self.client.log_text(run_id, redact(config_yaml), "config.yaml")
         return run_id
 
     def end_pipeline(self, run_id: str, status: str) -> None:
@@ -175,7 +178,7 @@ class Lineage:
         for child in self.children(parent_id):
             if child.info.status == "RUNNING":
                 self.client.set_tag(child.info.run_id, "crossmodal.state", state)
-                self.client.set_tag(child.info.run_id, "crossmodal.error", reason[:4000])
+                self.client.set_tag(child.info.run_id, "crossmodal.error", redact(reason)[:4000])
                 self.client.set_terminated(child.info.run_id, "KILLED" if state == "killed" else "FAILED")
 
     def children(self, parent_id: str):
@@ -192,14 +195,16 @@ class Lineage:
         run = self.client.create_run(
             self.experiment_id,
             run_name=stage,
-            tags={
-                MLFLOW_PARENT_RUN_ID: parent_id,
-                KIND: "stage",
-                "crossmodal.stage": stage,
-                "crossmodal.identity": identity,
-                "crossmodal.state": "running",
-                **tags,
-            },
+            tags=redact_tree(
+                {
+                    MLFLOW_PARENT_RUN_ID: parent_id,
+                    KIND: "stage",
+                    "crossmodal.stage": stage,
+                    "crossmodal.identity": identity,
+                    "crossmodal.state": "running",
+                    **tags,
+                }
+            ),
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -237,15 +242,16 @@ class Lineage:
         seconds: float,
         artifacts: dict[str, str] | None = None,
     ) -> None:
-        self.client.set_tag(run_id, "crossmodal.output_uri", output_uri)
+        self.client.set_tag(run_id, "crossmodal.output_uri", redact(output_uri))
         self.client.set_tag(run_id, "crossmodal.state", state)
         self.log_metrics(run_id, {**metrics, "stage_seconds": seconds})
         for name, rows in tables.items():
             if rows:
-                self.client.log_table(run_id, {k: [row.get(k) for row in rows] for k in rows[0]}, f"tables/{name}.json")
+                columns = {k: [row.get(k) for row in rows] for k in rows[0]}
+                self.client.log_table(run_id, redact_tree(columns), f"tables/{name}.json")
         for artifact_path, uri in (artifacts or {}).items():
             self.log_storage_file(run_id, uri, artifact_path)
-        self.client.log_dict(run_id, result, "stage_result.json")
+        self.client.log_dict(run_id, redact_tree(result), "stage_result.json")
         self.client.set_terminated(run_id, "FINISHED")
 
     def log_storage_file(self, run_id: str, uri: str, artifact_path: str) -> None:
@@ -257,18 +263,18 @@ class Lineage:
         folder, name = posixpath.split(artifact_path)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / name
-            local.write_bytes(Storage(uri).read_bytes())
+            local.write_bytes(redact_bytes(Storage(uri).read_bytes()))
             self.client.log_artifact(run_id, str(local), folder or None)
 
     def fail_stage(self, run_id: str, one_line: str, details: str) -> None:
         self.client.set_tag(run_id, "crossmodal.state", "failed")
-        self.client.set_tag(run_id, "crossmodal.error", one_line[:4000])
-        self.client.log_text(run_id, details, "error.txt")
+        self.client.set_tag(run_id, "crossmodal.error", redact(one_line)[:4000])
+        self.client.log_text(run_id, redact(details), "error.txt")
         self.client.set_terminated(run_id, "FAILED")
 
     # -- small helpers ---------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(metric_name(k), str(v)[:6000]) for k, v in sorted(params.items())]
+        items = [Param(metric_name(redact(k)), redact(str(v))[:6000]) for k, v in sorted(params.items())]
         for chunk in _batched(items, 100):
             self.client.log_batch(run_id, params=chunk)
 
@@ -279,4 +285,4 @@ class Lineage:
             self.client.log_batch(run_id, metrics=chunk)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(redact(k), redact(str(v))) for k, v in tags.items()])

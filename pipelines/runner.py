@@ -39,6 +39,7 @@ from pipelines.dag import (
 )
 from pipelines.inference.pin import pin, pin_section
 from pipelines.lineage import Lineage
+from pipelines.redact import redact
 from pipelines.stages import STAGES
 from pipelines.storage import Storage
 
@@ -112,18 +113,21 @@ def _execute(run: Callable, section, ctx: StageContext) -> StageResult:
     return result
 
 
-def finished_result(lineage: Lineage, ident: str) -> tuple[str, str, StageResult] | None:
-    """(run id, output uri, result) of a finished stage run with this identity whose output is intact."""
+def finished_result(lineage: Lineage, ident: str, root: str = "") -> tuple[str, str, StageResult] | None:
+    """(run id, output uri, result) of a finished stage run with this identity whose output is intact.
+    MLflow holds the output URI redacted; the identity covers the storage root, so the root's
+    credentials are the ones `root` (this run's storage URI) carries."""
     record = lineage.finished_stage(ident)
     if record is None:
         return None
-    output = Storage(record.output_uri)
+    output_uri = record.output_uri.replace(redact(root), root, 1) if root else record.output_uri
+    output = Storage(output_uri)
     if not output.exists(MARKER):
         return None
     marker = output.read_json(MARKER)
     if marker.get("identity") != ident:
         return None
-    return record.run_id, record.output_uri, StageResult.from_json(marker["result"])
+    return record.run_id, output_uri, StageResult.from_json(marker["result"])
 
 
 def stage_summary(output_uri: str) -> dict:
@@ -153,7 +157,7 @@ def plan_state(cfg: PipelineConfig, stages: list[Stage] | None = None) -> list[t
         section, digests = pinned[stage.name]
         ident = identity(stage, section, {n: identities[n] for n in stage.needs}, storage.uri, digests)
         identities[stage.name] = ident
-        out.append((stage, ident, finished_result(lineage, ident)))
+        out.append((stage, ident, finished_result(lineage, ident, storage.uri)))
     return out
 
 
@@ -163,7 +167,7 @@ def why_new(previous, tags: dict[str, str], params: dict[str, str]) -> str:
     if previous is None:
         return "it never finished in this experiment"
     since = f"since run {previous.info.run_id[:8]}"
-    before = previous.data.params
+    before, params = previous.data.params, {k: redact(str(v)) for k, v in params.items()}  # recorded redacted
     changed = [key for key in sorted(set(before) | set(params)) if before.get(key) != params.get(key)]
     if changed:
         shown = ", ".join(f"{key} {before.get(key, '(unset)')} -> {params.get(key, '(unset)')}" for key in changed[:3])
@@ -211,7 +215,8 @@ class Pipeline:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        self.cfg, self.echo = cfg, echo
+        self.cfg = cfg
+        self.echo = lambda line: echo(redact(line))  # lines name URIs: no credentials in the logs
         self.run_name, self.extra_tags = run_name, dict(tags or {})
         self.stages = order(configured(stages, lambda stage: getattr(cfg, stage.section)))
         self.chosen = select(self.stages, only, from_stage)
@@ -293,7 +298,7 @@ class Pipeline:
             for name, uri in self.results[need].outputs.items()
         }
         params = {f"{stage.section}.{k}": v for k, v in flatten(section.model_dump(mode="json")).items()}
-        prior = None if stage.name in self.forced else finished_result(lineage, ident)
+        prior = None if stage.name in self.forced else finished_result(lineage, ident, self.storage.uri)
         if prior is not None:
             prior_run, output_uri, result = prior
             run_id = lineage.start_stage(

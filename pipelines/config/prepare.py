@@ -73,8 +73,10 @@ class NegativeCaptions(Strict):
     @field_validator("words_file")
     @classmethod
     def _has_groups(cls, path: str | None) -> str | None:
-        """Checked when the config loads (not in a Ray worker mid-run), and made absolute so the
-        workers read the file the user meant whatever their working directory."""
+        """Checked when the config loads (not in a Ray worker mid-run). A shipped table is kept
+        by its name and found where the code runs (another checkout, a Ray job's working_dir,
+        another node); the user's own file is made absolute so the workers read the file the
+        user meant whatever their working directory."""
         if path is None:
             return None
         resolved = Path(path).expanduser().resolve()
@@ -84,7 +86,7 @@ class NegativeCaptions(Strict):
             raise ValueError(f"{path}: no such file")
         if not word_groups(resolved):
             raise ValueError(f"{path}: no line with two or more words to swap")
-        return str(resolved)
+        return resolved.name if resolved.parent == DATA_TABLES else str(resolved)
 
 
 class AugmentConfig(Strict):
@@ -94,8 +96,13 @@ class AugmentConfig(Strict):
     negatives: NegativeCaptions = NegativeCaptions()
 
 
+def table_path(path: str | Path) -> Path:
+    """A word table's file here: a bare name is a table shipped in pipelines/data/."""
+    return DATA_TABLES / path if Path(path).name == str(path) else Path(path)
+
+
 def word_groups(path: str | Path) -> list[list[str]]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = table_path(path).read_text(encoding="utf-8").splitlines()
     return [line.split() for line in lines if line.strip() and not line.startswith("#") and len(line.split()) > 1]
 
 

@@ -120,7 +120,9 @@ def manifest_media(manifest: Storage) -> list[pafs.FileInfo]:
         for field in ("image", "audio"):
             if isinstance(entry, dict) and entry.get(field):
                 path = str(entry[field])
-                uris.add(path if "://" in path else base.child(path).uri)
+                uri = path if "://" in path else base.child(path).uri
+                if inside(base, Storage(uri)):  # never even stat a file outside the data root
+                    uris.add(uri)
     infos = []
     for uri in sorted(uris):
         media = Storage(uri)
@@ -253,18 +255,30 @@ def unit_samples(unit: Unit, cfg: IngestConfig) -> Iterator[dict | Rejected]:
             yield from read_tar(stream, unit.items[0], limit)
     elif unit.kind == "folder":
         for key, files in unit.items:
+            root = Storage(cfg.path)
             yield assemble(
-                key, posixpath.dirname(files[0][0]), [read_member(uri, limit, name) for uri, name in files], limit
+                key, posixpath.dirname(files[0][0]), [read_member(uri, limit, name, root) for uri, name in files], limit
             )
     else:
         for line_no, entry in unit.items:
             yield manifest_sample(cfg.path, line_no, entry, limit)
 
 
-def read_member(uri: str, limit: int, name: str) -> Member:
-    """A file as the member `name` of a sample."""
+def inside(root: Storage, target: Storage) -> bool:
+    """Whether `target` lies under `root` once '..' and, on a local disk, symlinks are resolved."""
+    if root.is_local() and target.is_local():
+        return Path(os.path.realpath(target.path())).is_relative_to(os.path.realpath(root.path()))
+    scheme = root.uri.partition("://")[0]
+    base = posixpath.normpath(root.path()).rstrip("/") + "/"
+    return target.uri.partition("://")[0] == scheme and posixpath.normpath(target.path()).startswith(base)
+
+
+def read_member(uri: str, limit: int, name: str, root: Storage | None = None) -> Member:
+    """A file as the member `name` of a sample; never read when it lies outside `root`."""
     try:
         file = Storage(uri)
+        if root is not None and not inside(root, file):
+            return Member(name, None, "path_outside_root", f"{uri} is outside the data root {root.uri}")
         size = file.fs.get_file_info(file.path()).size
         if size is None:
             return Member(name, None, "missing_file", uri)
@@ -281,14 +295,14 @@ def manifest_sample(manifest: str, line_no: int, entry: dict, limit: int) -> dic
     key = str(entry.get("key") or f"{posixpath.splitext(posixpath.basename(manifest))[0]}-{line_no:08d}")
     if "." in posixpath.basename(key) or unsafe_name(key):
         return Rejected(key, origin, "key", "invalid_key", "keys may not contain '.', '..' or start with '/'")
-    base = posixpath.dirname(Storage(manifest).uri)
+    base = Storage(posixpath.dirname(Storage(manifest).uri))  # the data root: media lie below it
     members = []
     for field in ("image", "audio"):
         if entry.get(field):
             path = str(entry[field])
-            uri = path if "://" in path else Storage(base).child(path).uri
+            uri = path if "://" in path else base.child(path).uri
             ext = posixpath.basename(path).rsplit(".", 1)[-1] if "." in posixpath.basename(path) else "bin"
-            members.append(read_member(uri, limit, f"{key}.{ext}"))
+            members.append(read_member(uri, limit, f"{key}.{ext}", base))
     if entry.get("text") is not None:
         members.append(Member(f"{key}.txt", str(entry["text"]).encode("utf-8")))
     meta = {k: v for k, v in entry.items() if k not in ("key", "image", "audio", "text")}

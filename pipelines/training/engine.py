@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -193,8 +194,11 @@ def save_rng(folder: Path, rank: int) -> None:
 
     import numpy as np
 
+    # Tensors, ints and tuples only: load_rng reads it back with weights_only=True (no pickle).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
     torch.save(
-        {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()},
         folder / f"rng-rank{rank}.pt",
     )
 
@@ -207,10 +211,15 @@ def load_rng(folder: Path, rank: int) -> bool:
     path = folder / f"rng-rank{rank}.pt"
     if not path.exists():
         return False
-    state = torch.load(path, weights_only=False)  # our own checkpoint, written by save_rng
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # written by an older version as a full pickle: never loaded
+        print(f"{path.name}: not a plain-tensor RNG state, not loaded; the random streams start afresh")
+        return False
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     return True
 
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipelines.lineage import metric_name
+from pipelines.redact import redact_tree
 
 
 class MlflowSink:
@@ -26,7 +27,7 @@ class MlflowSink:
         )
 
     def log_config(self, ds_config: dict) -> None:
-        self.client.log_dict(self.run_id, ds_config, "deepspeed_config.json")
+        self.client.log_dict(self.run_id, redact_tree(ds_config), "deepspeed_config.json")
 
 
 def standalone_run(tracking_uri: str) -> MlflowSink:

@@ -46,7 +46,9 @@ def test_words_file_is_checked_at_load_and_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "words.txt").write_text("cat dog\n")
     assert NegativeCaptions(p=1.0, words_file="words.txt").words_file == str(tmp_path / "words.txt")
-    assert NegativeCaptions(p=1.0, words_file="contrast_words.txt").words_file == str(CONTRAST_FILE)  # shipped
+    # A shipped table is kept by name (found where the code runs), even when given as a path.
+    assert NegativeCaptions(p=1.0, words_file="contrast_words.txt").words_file == "contrast_words.txt"
+    assert NegativeCaptions(p=1.0, words_file=str(CONTRAST_FILE)).words_file == "contrast_words.txt"
     with pytest.raises(ValidationError, match="nowhere.txt: no such file"):
         NegativeCaptions(p=1.0, words_file="nowhere.txt")
     (tmp_path / "lonely.txt").write_text("# one word per line swaps nothing\ncat\n")
