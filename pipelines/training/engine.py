@@ -188,18 +188,22 @@ def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() and k != "weight" else v for k, v in batch.items()}
 
 
-def save_rng(folder: Path, rank: int) -> None:
+def save_rng(folder: Path, rank: int, generator: torch.Generator | None = None) -> None:
+    """This rank's random state: the global generators and the objective's own `generator`
+    (masks, negatives, modality dropout), so a resumed run draws what an unbroken one would."""
     import random
 
     import numpy as np
 
-    torch.save(
-        {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        folder / f"rng-rank{rank}.pt",
-    )
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if generator is not None:
+        state["objective"] = generator.get_state()
+    torch.save(state, folder / f"rng-rank{rank}.pt")
 
 
-def load_rng(folder: Path, rank: int) -> bool:
+def load_rng(folder: Path, rank: int, generator: torch.Generator | None = None) -> bool:
+    """Restore what save_rng wrote; False when the checkpoint holds no state for the objective's
+    generator (written before it was saved, or by another world size): the caller reseeds it."""
     import random
 
     import numpy as np
@@ -211,6 +215,9 @@ def load_rng(folder: Path, rank: int) -> bool:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if generator is None or "objective" not in state:
+        return False
+    generator.set_state(state["objective"])
     return True
 
 
