@@ -54,7 +54,7 @@ def fit(
     train split; with `teacher` (a model folder) and `distill` (DistillWeights as a dict) the
     loss adds the teacher's; with `lora` (add_lora's arguments) only adapters train, and the
     state returned is that of the model with its adapters in place (`model.lora.adapted`)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     limit_data_cpus(spec.data_cpus, progress_bars=False)
@@ -84,6 +84,7 @@ def fit(
             "clock": clock,
             "tracking_uri": ctx.tracking_uri,
             "run_id": ctx.run_id,
+            "checkpoints": checkpoints.child(run_name).uri,  # where a failed checkpoint write is cleaned up
             "validate": validate,
         },
         scaling_config=ScalingConfig(
@@ -98,9 +99,12 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    try:  # Ray Train 2.x raises where it used to return a Result with `error`
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        raise TrainingFailed(failure_message(err, checkpoints.path(run_name))) from err
     if result.error is not None:
-        raise TrainingFailed(root_cause(result.error)) from result.error
+        raise TrainingFailed(failure_message(result.error, checkpoints.path(run_name))) from result.error
     if result.checkpoint is None:
         raise StageError(f"{ctx.stage}: training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
@@ -146,11 +150,22 @@ def ingest_options(deterministic: bool):
     return options
 
 
+def failure_message(error: BaseException, checkpoints: str) -> str:
+    """The root cause, and on a full disk where the checkpoints are and what became of them."""
+    message = root_cause(error)
+    if "No space left on device" in message:
+        where = "" if checkpoints in message else f" in {checkpoints}"
+        message += f"; the newest complete checkpoint{where} is kept, and a re-run with space resumes from it"
+    return message
+
+
 def root_cause(error: BaseException) -> str:
     """'worker 1: ValueError: ...' from Ray Train's wrapper exceptions."""
     failures = getattr(error, "worker_failures", None)
     if failures:
         rank, cause = sorted(failures.items())[0]
+        # Ray wraps a worker's exception in one whose text is the traceback: name the original.
+        cause = getattr(cause, "_base_exc", cause)
         lines = str(cause).strip().splitlines()
         return f"worker {rank}: {type(cause).__name__}: {lines[-1] if lines else ''}"
     cause = getattr(error, "controller_failure", error)

@@ -72,12 +72,14 @@ def run(root: Path, *extra: str, **options):
 
 @dataclass
 class Trained:
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]  # the saved model's weights
     resumed_from: list[int]  # resumed_from_step of each training session, in order
     steps: int
+    outcome: object  # the pipeline's outcome (PipelineOutcome)
 
 
-def train(root: Path, *extra: str, force: bool = False, with_outcome: bool = False):
+def train(root: Path, *extra: str, force: bool = False) -> Trained:
+    """Run the train stage on the prepared world; it must finish."""
     from mlflow import MlflowClient
 
     from model.io import load
@@ -87,12 +89,9 @@ def train(root: Path, *extra: str, force: bool = False, with_outcome: bool = Fal
     if outcome.status != "FINISHED":
         raise RuntimeError(f"train did not finish: {outcome.failure}")
     stage = outcome.by_name()["train"]
-    client = MlflowClient(outcome.tracking_uri)
-    history = sorted(client.get_metric_history(stage.run_id, "resumed_from_step"), key=lambda m: m.timestamp)
-    steps = int(client.get_run(stage.run_id).data.metrics["steps"])
+    steps = int(MlflowClient(outcome.tracking_uri).get_run(stage.run_id).data.metrics["steps"])
     state = load(Storage(stage.output_uri).child("model").local_path()).model.state_dict()
-    trained = Trained({k: v.detach().clone() for k, v in state.items()}, [int(m.value) for m in history], steps)
-    return (trained, outcome) if with_outcome else trained
+    return Trained({k: v.detach().clone() for k, v in state.items()}, resumed_steps(outcome), steps, outcome)
 
 
 def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -172,7 +171,7 @@ def killed_worker(scratch: Path) -> list[Row]:
     killer = Killer(root / "storage" / "ray_train", KILL_AFTER)
     killer.start()
     try:  # max_failures 2 (not 1): another identity, so another Ray Train run than the two above
-        killed, outcome = train(root, "train.max_failures=2", with_outcome=True)
+        killed = train(root, "train.max_failures=2")
     finally:
         killer.stop.set()
         killer.join()
@@ -181,7 +180,7 @@ def killed_worker(scratch: Path) -> list[Row]:
     floor_max, floor_rel = difference(second.state, first.state)
     kill_max, kill_rel = difference(killed.state, first.state)
     other_max, other_rel = difference(killed.state, second.state)
-    at = steps_before_restart(outcome) if killer.killed else None
+    at = steps_before_restart(killed.outcome) if killer.killed else None
     print(
         f"killed worker {killer.killed} at step {at}: no-kill vs no-kill max|d| {floor_max:.3g} rel {floor_rel:.3g}; "
         f"kill vs no-kill #1 max|d| {kill_max:.3g} rel {kill_rel:.3g}; vs #2 max|d| {other_max:.3g} "
@@ -265,7 +264,10 @@ def disk_full(scratch: Path) -> list[Row]:
     size = checkpoint_bytes(prepared) * 3 // 2  # room for one checkpoint and half of the next
     why = mount_tmpfs(runs, size)
     done = f"checkpoints on a {size / 1e6:.0f} MB tmpfs: step 4's fits, step 8's fills it mid-write"
-    expected = "a clear error; step 4's files byte-identical; a re-run with space resumes from step 4"
+    expected = (
+        "a one-line error naming the full disk; step 4's files byte-identical; a re-run with space removes "
+        "the half-written folders and resumes from step 4"
+    )
     if why:
         return [Row("disk full at a checkpoint", done, expected, f"could not mount a tmpfs: {why}", False)]
     extra = (f"train.max_steps={DISK_STEPS}", "train.max_failures=1")
@@ -278,25 +280,28 @@ def disk_full(scratch: Path) -> list[Row]:
             watcher.stop.set()
             watcher.join()
         message = failed.by_name()["train"].error if failed.status != "FINISHED" else None
+        message = message and message.replace(str(scratch), "<scratch>")
         kept = watcher.folder
         intact = kept is not None and file_hashes(kept) == watcher.hashes
-        partial = sorted(p.name for p in kept.parent.glob("checkpoint_*") if p != kept) if kept else []
+        partial = sorted(p.name for p in kept.parent.glob("checkpoint_*/") if p != kept) if kept else []
         mount_tmpfs(runs, 64 * size, remount=True)  # space comes back
         again = run(scratch, *extra, only=["train"])
+        removed = not any((kept.parent / name).exists() for name in partial) if kept else False
     finally:
         subprocess.run(["umount", "-l", str(runs)], capture_output=True)
     resumed = resumed_steps(again)
     print(f"disk full: {message!r}; intact {intact}; other folders {partial}; re-run {again.status} {resumed}")
     clear = message is not None and "No space left on device" in message and "\n" not in message
-    passed = clear and intact and again.status == "FINISHED" and resumed == [CHECKPOINT_EVERY]
+    passed = clear and intact and removed and again.status == "FINISHED" and resumed == [CHECKPOINT_EVERY]
     return [
         Row(
             "disk full at a checkpoint",
             done,
             expected,
             f"stage failed: {message}; step-{CHECKPOINT_EVERY} checkpoint ({len(watcher.hashes)} files) "
-            f"{'byte-identical' if intact else 'changed or missing'}; half-written folders left: {len(partial)}; "
-            f"re-run {again.status.lower()}, resumed from step {resumed[0] if resumed else None}",
+            f"{'byte-identical' if intact else 'changed or missing'}; {len(partial)} half-written folders "
+            f"{'removed by' if removed else 'left after'} the re-run, which "
+            f"{again.status.lower()}, resumed from step {resumed[0] if resumed else None}",
             passed,
         )
     ]

@@ -74,3 +74,20 @@ def test_an_unreadable_snapshot_leaves_every_folder_alone(tmp_path):
     assert remove_unregistered(storage) == []
     assert len(list(run.glob("checkpoint_*/"))) == 2
     assert remove_unregistered(checkpoint_run(tmp_path / "none", None, [])[1]) == []  # no run folder yet
+
+
+def test_a_worker_that_ran_out_of_disk_names_the_cause_and_where_the_checkpoints_are():
+    """Ray Train raises a WorkerGroupError whose own text is 'Training failed due to worker
+    errors'; the stage's one line names the worker, the original exception and the folder."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from pipelines.training.ray_fit import failure_message
+
+    full = OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    wrapped = UserExceptionWithTraceback(full, f"Traceback (most recent call last):\n  ...\nOSError: {full}\n")
+    error = WorkerGroupError("Training failed due to worker errors", {1: wrapped, 0: wrapped})
+    message = failure_message(error, "/data/ray_train/train-0123")
+    assert message.startswith("worker 0: OSError: [Errno 28] Error writing bytes to file.")
+    assert "the newest complete checkpoint in /data/ray_train/train-0123 is kept" in message and "\n" not in message
+    assert failure_message(WorkerGroupError("x", {0: ValueError("bad\nvalue")}), "/c") == "worker 0: ValueError: value"
