@@ -18,10 +18,15 @@ patch's test runs it against the real library object it replaces (tests/pipeline
 - Ray Train's PlacementGroupCleaner: its monitor thread dies with a bare RpcError traceback
   when the GCS answers slowly (a busy 2-core machine); every Ray worker process (through
   `worker_setup`, Ray's worker_process_setup_hook) says so on one line instead.
+- Ray Train's run snapshot (the registered checkpoints a restart resumes from) is written in
+  place; a disk that filled during that write left it empty and the run could never resume.
+  `write_snapshot_atomically` writes a temporary file and renames it (set up by `worker_setup`
+  in every worker process, the training controller's included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -170,6 +175,7 @@ def worker_setup() -> None:
     env.worker_defaults()
     if not supported("ray", RAY_VERSIONS, "Ray Train's cleaner thread may print a bare RpcError traceback"):
         return
+    patch_ray_train()  # the controller, which writes the run snapshot, runs in a worker process
     previous = threading.excepthook
 
     def excepthook(args) -> None:
@@ -184,6 +190,44 @@ def worker_setup() -> None:
         )
 
     threading.excepthook = excepthook
+
+
+# -- Ray Train ------------------------------------------------------------------------------------
+RAY_SNAPSHOT_WRITE = (
+    "ray.train.v2._internal.execution.checkpoint.checkpoint_manager.CheckpointManager._write_state_to_storage"
+)
+
+
+def write_snapshot_atomically(self) -> None:
+    """CheckpointManager._write_state_to_storage, published by a rename. Ray truncates its run
+    snapshot (the list of registered checkpoints a restart resumes from) and writes it in place:
+    a disk that filled at that moment left it empty, and no later run could resume
+    ('CheckpointManagerInitializationError: Expecting value', seen in the disk-full drill). Now
+    a failed write leaves the previous snapshot as it was, and removes its own partial file."""
+    snapshot = self._save_state().encode("utf-8")
+    fs = self._storage_context.storage_filesystem
+    path = self._storage_context.checkpoint_manager_snapshot_path
+    partial = f"{path}.partial"
+    try:
+        with fs.open_output_stream(partial) as out:
+            out.write(snapshot)
+        fs.move(partial, path)  # a rename on a local or mounted filesystem
+    except OSError:
+        with contextlib.suppress(OSError):
+            fs.delete_file(partial)
+        raise
+
+
+def patch_ray_train() -> bool:
+    """Apply the Ray Train patch (idempotent); False when the version is not one it fits."""
+    if not supported("ray", RAY_VERSIONS, "Ray Train writes its run snapshot in place: a full disk can empty it"):
+        return False
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+
+    if CheckpointManager._write_state_to_storage is not write_snapshot_atomically:
+        REPLACED[RAY_SNAPSHOT_WRITE] = CheckpointManager._write_state_to_storage
+        CheckpointManager._write_state_to_storage = write_snapshot_atomically
+    return True
 
 
 # -- nlpaug ---------------------------------------------------------------------------------------

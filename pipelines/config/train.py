@@ -98,6 +98,12 @@ class LoopConfig(Strict):
         "passes (seconds on a small machine), not between these epochs",
     )
     seed: int = Field(0, ge=0)
+    deterministic: bool = Field(
+        True,
+        description="the train stream keeps one order (Ray Data's preserve_order): a repeated run, or one resumed "
+        "after a worker died, trains on the same batches and ends with the same weights; false: blocks are used "
+        "in the order they finish, a little faster, and two runs with the same seed differ",
+    )
     fault: FaultDrill = FaultDrill()
     deepspeed: dict = Field(
         default_factory=dict,

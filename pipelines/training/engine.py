@@ -189,7 +189,9 @@ def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() and k != "weight" else v for k, v in batch.items()}
 
 
-def save_rng(folder: Path, rank: int) -> None:
+def save_rng(folder: Path, rank: int, generator: torch.Generator | None = None) -> None:
+    """This rank's random state: the global generators and the objective's own `generator`
+    (masks, negatives, modality dropout), so a resumed run draws what an unbroken one would."""
     import random
 
     import numpy as np
@@ -197,13 +199,15 @@ def save_rng(folder: Path, rank: int) -> None:
     # Tensors, ints and tuples only: load_rng reads it back with weights_only=True (no pickle).
     name, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    torch.save(
-        {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()},
-        folder / f"rng-rank{rank}.pt",
-    )
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if generator is not None:
+        state["objective"] = generator.get_state()
+    torch.save(state, folder / f"rng-rank{rank}.pt")
 
 
-def load_rng(folder: Path, rank: int) -> bool:
+def load_rng(folder: Path, rank: int, generator: torch.Generator | None = None) -> bool:
+    """Restore what save_rng wrote; False when the checkpoint holds no state for the objective's
+    generator (written before it was saved, or by another world size): the caller reseeds it."""
     import random
 
     import numpy as np
@@ -220,6 +224,9 @@ def load_rng(folder: Path, rank: int) -> bool:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if generator is None or "objective" not in state:
+        return False
+    generator.set_state(state["objective"])
     return True
 
 

@@ -107,12 +107,12 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
     if rank == 0:
         sink.log_config(ds_config)
         print(f"train: precision {cfg.precision}", flush=True)
-    progress = resume(engine, sink, rank)
+    # On the engine's device: the objective draws masks and negatives where the batch is.
+    generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1000 + rank)
+    progress = resume(engine, sink, rank, generator)
     if rank == 0:  # where this session starts: 0, or the step of the checkpoint it resumed from
         sink.log({"resumed_from_step": progress.step}, progress.step)
     drill = cfg.fault.rank == rank and cfg.fault.step is not None and progress.step == 0
-    # On the engine's device: the objective draws masks and negatives where the batch is.
-    generator = torch.Generator(device=engine.device).manual_seed(cfg.seed * 1000 + rank + progress.step)
     window_start, window_samples = time.perf_counter(), 0
     session_start, before = time.perf_counter(), progress.train_seconds
     last_printed = session_start
@@ -169,17 +169,17 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
             out_of_time = budget.fraction >= 1.0
             if progress.step % cfg.checkpoint_every == 0 or progress.step >= cfg.max_steps or out_of_time:
                 progress.train_seconds = elapsed()
-                checkpoint(engine, sink, rank, progress)
+                checkpoint(engine, sink, rank, progress, generator)
                 last_saved = progress.step
             if progress.step >= cfg.max_steps or out_of_time:
-                return finish(engine, data, dtype, sink, rank, progress, last_saved)
+                return finish(engine, data, dtype, sink, rank, progress, last_saved, generator)
         if index < 0:  # would loop over empty passes forever
             raise ValueError(
                 f"a pass over the train stream gave no full micro-batch of {cfg.micro_batch} on rank "
                 f"{rank}: too few train samples per worker; lower train.micro_batch"
             )
         progress.pass_start, progress.batch_in_pass = progress.data_epoch + 1, 0
-    return finish(engine, data, dtype, sink, rank, progress, last_saved)
+    return finish(engine, data, dtype, sink, rank, progress, last_saved, generator)
 
 
 def progress_line(cfg: LoopConfig, step: int, seconds: float, loss: float, samples_per_s: float) -> str:
@@ -196,11 +196,11 @@ def progress_line(cfg: LoopConfig, step: int, seconds: float, loss: float, sampl
     )
 
 
-def finish(engine, data, dtype, sink, rank, progress: Progress, last_saved: int) -> Progress:
+def finish(engine, data, dtype, sink, rank, progress: Progress, last_saved: int, generator=None) -> Progress:
     if data.val and (not progress.history or progress.history[-1][0] != progress.step):
         validate(engine, data, dtype, sink, rank, progress)
     if last_saved != progress.step:
-        checkpoint(engine, sink, rank, progress)
+        checkpoint(engine, sink, rank, progress, generator)
     return progress
 
 
@@ -215,8 +215,9 @@ def validate(engine, data: Data, dtype, sink: Sink, rank: int, progress: Progres
     return metrics
 
 
-def checkpoint(engine, sink: Sink, rank: int, progress: Progress) -> None:
-    """Every rank writes its ZeRO shard, its RNG state and the loop position into one folder."""
+def checkpoint(engine, sink: Sink, rank: int, progress: Progress, generator=None) -> None:
+    """Every rank writes its ZeRO shard, its RNG state (the objective's `generator` too) and the
+    loop position into one folder."""
     state = {
         "step": progress.step,
         "data_epoch": progress.data_epoch,
@@ -226,17 +227,22 @@ def checkpoint(engine, sink: Sink, rank: int, progress: Progress) -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=f"step{progress.step}", client_state={"progress": state})
-        save_rng(Path(folder), rank)
+        save_rng(Path(folder), rank, generator)
         sink.save(Path(folder), {"step": progress.step, "epoch": progress.data_epoch})
 
 
-def resume(engine, sink: Sink, rank: int) -> Progress:
+def resume(engine, sink: Sink, rank: int, generator: torch.Generator | None = None) -> Progress:
+    """The loop's position from the latest checkpoint (a fresh Progress without one). With the
+    weights, optimizer, schedule, data position and every random state restored, a resumed run
+    trains on exactly as an unbroken one would (the drill `train worker killed` measures it)."""
     folder = sink.latest()
     if folder is None:
         return Progress()
     _, client_state = engine.load_checkpoint(str(folder))
-    load_rng(folder, rank)
     state = client_state["progress"]
+    if not load_rng(folder, rank, generator) and generator is not None:
+        # A checkpoint without the generator's state: a seed of its own for the steps after it.
+        generator.manual_seed(generator.initial_seed() + state["step"])
     # The pass restarts at the checkpoint's epoch, not at the start of the pass it was in.
     return Progress(
         step=state["step"],

@@ -4,6 +4,8 @@ MLflow run by run id from rank 0 only."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.log({"train/trainable_params": counts["trainable"], "train/total_params": counts["total"]}, 0)
     sink = Sink(
         log=tracker.log if tracker else lambda metrics, step: None,
-        save=report,
+        save=functools.partial(report, run=Storage(config["checkpoints"]) if config.get("checkpoints") else None),
         latest=restore_latest,
         log_config=tracker.log_config if tracker else lambda ds_config: None,
     )
@@ -112,8 +114,22 @@ def distillation(config: dict, student: CrossModalModel) -> DistillationObjectiv
     )
 
 
-def report(folder: Path, metrics: dict) -> None:
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+def report(folder: Path, metrics: dict, run: Storage | None = None) -> None:
+    """Persist this rank's part of a checkpoint into the run's folder `checkpoint_step<N>`. A
+    write that fails (a full disk) removes that folder at once and raises: Ray never registers
+    a checkpoint a rank failed to write, and what was written of it would hold the space Ray
+    needs to record the previous checkpoint (its snapshot), so the run could not resume there."""
+    name = f"checkpoint_step{int(metrics['step']):07d}"
+    checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+    try:
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    except OSError as err:
+        if run is None:
+            raise
+        with contextlib.suppress(OSError):  # another rank may be removing it too
+            run.remove_tree(name)
+        where = f"writing the step-{metrics['step']} checkpoint to {run.path(name)}, removed again"
+        raise OSError(err.errno, f"{err.strerror or err} ({where})") from err
 
 
 def restore_latest() -> Path | None:

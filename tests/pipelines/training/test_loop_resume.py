@@ -20,7 +20,8 @@ from tests.conftest import free_port
 EPOCHS_PER_PASS, BATCHES_PER_EPOCH = 3, 4
 
 
-def run_loop(max_steps: int, checkpoints: Path, resume_from: Path | None) -> dict:
+def run_loop(max_steps: int, checkpoints: Path, resume_from: Path | None) -> tuple[dict, dict]:
+    """(what the loop asked for and logged, the model's final weights)."""
     from model.config import model_config
     from model.multimodal import CrossModalModel
     from model.synthetic import synthetic_batch
@@ -56,9 +57,10 @@ def run_loop(max_steps: int, checkpoints: Path, resume_from: Path | None) -> dic
         warmup_steps=0,
     )
     torch.manual_seed(0)
-    progress = train(CrossModalModel(model_cfg), cfg, Data(train_epoch), Sink(log, save, lambda: resume_from), 0, 1)
+    model = CrossModalModel(model_cfg)
+    progress = train(model, cfg, Data(train_epoch), Sink(log, save, lambda: resume_from), 0, 1)
     record["step"] = progress.step
-    return record
+    return record, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def worker(rank: int, folder: str, port: int) -> None:
@@ -68,15 +70,23 @@ def worker(rank: int, folder: str, port: int) -> None:
 
     import_deepspeed().init_distributed(dist_backend="gloo")
     checkpoints = Path(folder) / "checkpoints"
-    first = run_loop(14, checkpoints, None)
-    resumed = run_loop(10, Path(folder) / "unused", checkpoints / "step6")
+    first, unbroken = run_loop(14, checkpoints, None)
+    resumed, weights = run_loop(14, Path(folder) / "unused", checkpoints / "step6")
     Path(folder, "result.json").write_text(json.dumps({"first": first, "resumed": resumed}))
+    torch.save({"unbroken": unbroken, "resumed": weights}, Path(folder) / "weights.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One unbroken run of 14 steps, and one resumed from its step-6 checkpoint to step 14."""
+    folder = tmp_path_factory.mktemp("resume")
+    mp.spawn(worker, args=(str(folder), free_port()), nprocs=1, join=True)
+    return folder
 
 
 @pytest.mark.spawn
-def test_a_resumed_run_starts_its_pass_at_the_checkpoints_epoch(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path), free_port()), nprocs=1, join=True)
-    result = json.loads((tmp_path / "result.json").read_text())
+def test_a_resumed_run_starts_its_pass_at_the_checkpoints_epoch(runs):
+    result = json.loads((runs / "result.json").read_text())
     first, resumed = result["first"], result["resumed"]
     # 12 batches a pass (3 epochs of 4): the second pass starts where the first one ended.
     assert first["passes"] == [0, 3] and first["step"] == 14
@@ -85,5 +95,18 @@ def test_a_resumed_run_starts_its_pass_at_the_checkpoints_epoch(tmp_path):
     # at the pass's epoch 0) and skips those 2 batches, then trains on from the third.
     assert resumed["logged"]["resumed_from_step"] == [[6, 6]]
     assert resumed["passes"] == [1]
-    assert resumed["yielded"] == [[1, 0], [1, 1], [1, 2], [1, 3], [2, 0], [2, 1]]
-    assert resumed["logged"]["epoch"] == [[7, 1], [8, 1], [9, 2], [10, 2]] and resumed["step"] == 10
+    assert resumed["yielded"][:6] == [[1, 0], [1, 1], [1, 2], [1, 3], [2, 0], [2, 1]]
+    assert resumed["logged"]["epoch"][:4] == [[7, 1], [8, 1], [9, 2], [10, 2]] and resumed["step"] == 14
+    assert resumed["logged"]["epoch"] == first["logged"]["epoch"][6:]  # steps 7-14: the same epochs
+
+
+@pytest.mark.spawn
+def test_a_resumed_run_ends_with_the_weights_of_an_unbroken_one(runs):
+    """Deterministic resume: weights, optimizer, schedule, data position and every random state
+    (the objective's generator for masks, negatives and modality dropout included) come back
+    from the checkpoint, so steps 7-14 after a resume are bit for bit those of the unbroken run."""
+    weights = torch.load(runs / "weights.pt", weights_only=True)
+    unbroken, resumed = weights["unbroken"], weights["resumed"]
+    assert unbroken.keys() == resumed.keys()
+    differ = [name for name in unbroken if not torch.equal(unbroken[name], resumed[name])]
+    assert not differ, f"{len(differ)} of {len(unbroken)} weights differ, e.g. {differ[:3]}"
