@@ -62,11 +62,14 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.normal()  # a cached Gaussian is part of numpy's state
-    save_rng(tmp_path, 0)
-    expected = (random.random(), np.random.normal(), torch.rand(1).item())
-    random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    assert load_rng(tmp_path, 0)
-    assert (random.random(), np.random.normal(), torch.rand(1).item()) == expected
+    objective = torch.Generator().manual_seed(4)
+    save_rng(tmp_path, 0, objective)
+    expected = (random.random(), np.random.normal(), torch.rand(1).item(), torch.rand(1, generator=objective).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9), objective.manual_seed(9)
+    assert load_rng(tmp_path, 0, objective)
+    assert (random.random(), np.random.normal(), torch.rand(1).item(), torch.rand(1, generator=objective).item()) == (
+        expected
+    )
     torch.load(tmp_path / "rng-rank0.pt", weights_only=True)  # plain tensors and numbers only
 
 
