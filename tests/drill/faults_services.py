@@ -35,25 +35,28 @@ def running_runs(client: MlflowClient) -> list[str]:
     return [r.info.run_id for r in client.search_runs(experiments, "attributes.status = 'RUNNING'")]
 
 
-def judge_rerun(stage: str, rerun: Driver, killed_parent: str, client: MlflowClient, left: int) -> Row:
-    """What the re-run after a kill during `stage` did, once it got past that stage."""
+def judge_rerun(stage: str, rerun: Driver, killed_parent: str, client: MlflowClient, left: int, after: int) -> Row:
+    """What the re-run after a kill during `stage` did, once it got past that stage; `left`: the
+    killed driver's processes alive just after the kill, `after`: those still alive now."""
     before = STAGES[: STAGES.index(stage)]
     reused = [s for s in STAGES if rerun.has(f"[{s}] reused run")]
     redone = [s for s in before if rerun.has(f"[{s}] running")]
     again = "ran" if rerun.has(f"[{stage}] ran in") else "reused" if stage in reused else "neither"
     closed = rerun.has(f"marked run {killed_parent} KILLED")
+    ended = re.search(r"ended (\d+) Ray processes", rerun.wait_line(f"marked run {killed_parent}", 1) if closed else "")
     still = [r for r in running_runs(client) if r == killed_parent or r in children(client, killed_parent)]
     states = {r.data.tags.get("crossmodal.stage"): r.info.status for r in client_children(client, killed_parent)}
-    passed = closed and not redone and set(before) <= set(reused) and again != "neither" and not still
+    passed = closed and not redone and set(before) <= set(reused) and again != "neither" and not still and not after
     outcome = (
         f"re-run: {', '.join(reused) or 'nothing'} reused, {stage} {again}; killed run marked KILLED: "
         f"{'yes' if closed else 'NO'} (its {stage} run {states.get(stage, 'absent')}); runs left RUNNING: "
-        f"{len(still)}; {left} processes outlived the driver, killed by pid"
+        f"{len(still)}; {left} processes outlived the driver, the re-run's start ended "
+        f"{ended.group(1) if ended else 0}, {after} still alive after it"
     )
     return Row(
         f"driver killed in {stage}",
         f"SIGKILL `crossmodal run` when `[{stage}] running` prints, then the same command again",
-        "re-run resumes at the killed stage, finished stages reused, no run left RUNNING",
+        "re-run resumes at the killed stage, finished stages reused, no run left RUNNING, no process left",
         outcome,
         passed,
     )
@@ -71,26 +74,31 @@ def children(client: MlflowClient, parent: str) -> set[str]:
 def driver_killed_in_each_stage(scratch: Path) -> list[Row]:
     """One chain of runs: kill during ingest; the re-run is killed during shard, and so on; the
     last re-run finishes. Each re-run is the judge of the kill before it."""
-    ray_tmp = ray_temp()
     where = [f"storage.root={scratch / 'storage'}", f"mlflow.local_store={scratch / 'runs'}"]
     overrides = [*TINY, *where, "train.max_steps=4", "train.checkpoint_every=2"]
     client = MlflowClient(f"sqlite:///{scratch / 'runs' / 'mlflow.db'}")
-    rows, killed, seconds = [], None, []  # killed: (stage, parent run, processes left)
-    for stage in (*STAGES, None):
-        driver = Driver(overrides, ray_tmp)
-        try:
+    rows, killed, seconds, drivers = [], None, [], []  # killed: (stage, parent run, driver, processes left)
+    try:
+        for stage in (*STAGES, None):
+            # A Ray temp folder each: what a killed driver leaves is found by its own folder.
+            driver = Driver(overrides, ray_temp())
+            drivers.append(driver)
             parent = parent_run(driver)
             if stage is not None:
                 driver.wait_line(f"[{stage}] running", STAGE_S)
                 seconds.append(driver.kill())
+                left = len(driver.leftovers())
             else:
                 code = driver.wait(STAGE_S * 2)
             if killed is not None:  # the stages up to the killed one are behind this run now
-                rows.append(judge_rerun(killed[0], driver, killed[1], client, killed[2]))
-        finally:
-            left = driver.clean_up()
-        if stage is not None:
-            killed = (stage, parent, left)
+                k_stage, k_parent, k_driver, k_left = killed
+                rows.append(judge_rerun(k_stage, driver, k_parent, client, k_left, len(k_driver.leftovers())))
+                k_driver.clean_up()
+            if stage is not None:
+                killed = (stage, parent, driver, left)
+    finally:
+        for driver in drivers:
+            driver.clean_up()
     final_running = running_runs(client)
     finished = {s: client.get_run(r).info.status for s, r in stage_runs(client, parent).items()}
     rows.append(

@@ -151,8 +151,7 @@ class Driver:
     def kill(self) -> float:
         """SIGKILL the driver alone (as the OOM killer or a lost ssh session would); its seconds."""
         os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self.reader.join(timeout=30)
+        self.process.wait()  # not the reader: what the driver left may hold its stdout open
         return time.monotonic() - self.started
 
     def wait(self, timeout: float) -> int:
