@@ -6,6 +6,7 @@ line on stdout, a process gone, a file), polled with a deadline."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,7 @@ class Driver:
             self.kill()
         left = self.leftovers()
         kill_pids(left)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return len(left)
 
 
