@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -62,7 +63,38 @@ def end_group(node) -> None:
     wait_until(lambda: all(gone(p) for p in pids), 60, "end of a Ray node's processes")
 
 
+def join_node(temp: Path, port: int, address: str, state) -> tuple:
+    """A second node joined and alive: (its `ray start` process, its node id)."""
+    node = start_second(temp, port)
+    drain_in_background(node)
+
+    def joined():
+        alive = [n for n in state.list_nodes(address=address) if n.state == "ALIVE"]
+        return next((n.node_id for n in alive if "drill_node" in (n.resources_total or {})), None)
+
+    return node, wait_until(joined, 120, "the second node alive")
+
+
+def kill_when_busy(node, node_id: str, address: str, state, driver: Driver, stage: str) -> list[str]:
+    """SIGKILL the node's raylet (by pid) once it has had work in `stage` (or that stage ended:
+    then it is killed idle, and the list says so); what ran there."""
+    since = time.time() * 1000
+
+    def work_on_node():  # a Ray Data task, a train worker: any task or actor of this stage there
+        on = [("node_id", "=", node_id)]
+        tasks = [
+            t for t in state.list_tasks(address=address, filters=on, detail=True) if (t.creation_time_ms or 0) >= since
+        ]
+        actors = state.list_actors(address=address, filters=[*on, ("state", "=", "ALIVE")])
+        return [t.name for t in tasks] + [a.class_name for a in actors] or driver.has(f"[{stage}] ran in")
+
+    busy = wait_until(work_on_node, STAGE_S, f"work on the extra node in {stage}")
+    kill_pids([raylet_of(node)])
+    return sorted(set(busy))[:3] if isinstance(busy, list) else ["nothing: the stage ended first"]
+
+
 def second_node_killed(scratch: Path) -> list[Row]:
+    """Two kills: a second node in prepare's Ray Data pass, then a fresh one in training."""
     import ray.util.state as state
 
     temp = Path(f"/tmp/drill-2n-{os.getpid()}")
@@ -70,61 +102,49 @@ def second_node_killed(scratch: Path) -> list[Row]:
     address = f"127.0.0.1:{port}"
     head = start_head(temp, port, dashboard)
     drain_in_background(head)
-    second = driver = None
+    nodes, driver = [], None
     try:
-        second = start_second(temp, port)
-        drain_in_background(second)
-
-        def both_alive():
-            nodes = state.list_nodes(address=address)
-            return nodes if sum(n.state == "ALIVE" for n in nodes) == 2 else None
-
-        nodes = wait_until(both_alive, 120, "two alive nodes")
-        extra = next(n.node_id for n in nodes if "drill_node" in (n.resources_total or {}))
+        node, in_prepare = join_node(temp, port, address, state)
+        nodes.append(node)
         where = [f"storage.root={scratch / 'storage'}", f"mlflow.local_store={scratch / 'runs'}"]
         overrides = [*TINY, *where, "train.max_steps=8", "train.checkpoint_every=2", "train.max_failures=2"]
         driver = Driver(overrides, Path(tempfile.mkdtemp(prefix="drill-drv-")), {"RAY_ADDRESS": address})
-        driver.wait_line("[train] running", STAGE_S)  # prepare spread over both nodes by now
-
-        def work_on_extra():  # a train worker, a Ray Data task feeding it, anything on the second node
-            on = [("node_id", "=", extra)]
-            running = state.list_tasks(address=address, filters=[*on, ("state", "=", "RUNNING")])
-            actors = state.list_actors(address=address, filters=[*on, ("state", "=", "ALIVE")])
-            return [t.name for t in running] + [a.class_name for a in actors]
-
-        on_extra = wait_until(work_on_extra, STAGE_S, "work running on the second node during training")
-        before = Counter(
-            "second" if t.node_id == extra else "head" for t in state.list_tasks(address=address, limit=10000)
-        )
-        raylet = raylet_of(second)
-        kill_pids([raylet])
+        driver.wait_line("[prepare] running", STAGE_S)
+        busy_prepare = kill_when_busy(node, in_prepare, address, state, driver, "prepare")
+        node, in_train = join_node(temp, port, address, state)
+        nodes.append(node)
+        driver.wait_line("[train] running", STAGE_S)
+        busy_train = kill_when_busy(node, in_train, address, state, driver, "train")
         code = driver.wait(STAGE_S * 2)
+        tasks = state.list_tasks(address=address, limit=10000)
+        per_node = Counter({in_prepare: "first", in_train: "second"}.get(t.node_id, "head") for t in tasks)
         alive = {n.node_id: n.state for n in state.list_nodes(address=address)}
         counts = prepare_counts(scratch / "storage")
         resumed = resumes(scratch / "runs")
     finally:
         left = driver.clean_up() if driver else 0
-        if second is not None:
-            end_group(second)
-        end_group(head)
+        for node in [*nodes, head]:
+            end_group(node)
         stray = pids_with(str(temp))
         kill_pids(stray)
         shutil.rmtree(temp, ignore_errors=True)
     samples_in, usable, quarantined = counts
     holds = samples_in == usable + quarantined and samples_in > 0
+    dead = [alive.get(in_prepare), alive.get(in_train)]
     outcome = (
-        f"before the kill: {before['head']} tasks on the head, {before['second']} on the second node; its raylet "
-        f"killed in train while it ran {sorted(set(on_extra))[:4]}; node now {alive.get(extra)}; exit {code}; "
-        f"train's resumed_from_step {resumed} (a restart adds a value); prepare {samples_in} in = {usable} usable + "
-        f"{quarantined} quarantined: {'holds' if holds else 'BROKEN'}; {left + len(stray)} stray processes killed"
+        f"tasks: head {per_node['head']}, first extra node {per_node['first']}, second {per_node['second']}; "
+        f"first killed in prepare while it ran {busy_prepare}, second in train while it ran {busy_train}; "
+        f"nodes now {dead}; exit {code}; train's resumed_from_step {resumed} (a Train restart adds a value); "
+        f"prepare {samples_in} in = {usable} usable + {quarantined} quarantined: {'holds' if holds else 'BROKEN'}; "
+        f"{left + len(stray)} stray processes killed"
     )
     return [
         Row(
-            "second Ray node killed",
-            "head + `ray start --address` raylet (drill_node resource); its raylet SIGKILLed in training",
-            "work on both nodes (state API); Ray Data retries, Train restarts on the head; invariant holds; finishes",
+            "extra Ray node killed",
+            "head + a `ray start --address` raylet (drill_node resource), SIGKILLed in prepare; another, in train",
+            "work on every node (state API); Ray Data retries, Train goes on on the head; invariant holds; finishes",
             outcome,
-            code == 0 and before["second"] > 0 and before["head"] > 0 and holds and alive.get(extra) == "DEAD",
+            code == 0 and min(per_node[k] for k in ("head", "first", "second")) > 0 and holds and dead == ["DEAD"] * 2,
             samples_in,
             usable,
             quarantined,
