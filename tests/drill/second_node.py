@@ -90,7 +90,7 @@ def kill_when_busy(node, node_id: str, address: str, state, driver: Driver, stag
 
     busy = wait_until(work_on_node, STAGE_S, f"work on the extra node in {stage}")
     kill_pids([raylet_of(node)])
-    return sorted(set(busy))[:3] if isinstance(busy, list) else ["nothing: the stage ended first"]
+    return sorted(set(busy))[:3] if isinstance(busy, list) else []
 
 
 def second_node_killed(scratch: Path) -> list[Row]:
@@ -132,8 +132,9 @@ def second_node_killed(scratch: Path) -> list[Row]:
     holds = samples_in == usable + quarantined and samples_in > 0
     dead = [alive.get(in_prepare), alive.get(in_train)]
     outcome = (
-        f"tasks: head {per_node['head']}, first extra node {per_node['first']}, second {per_node['second']}; "
-        f"first killed in prepare while it ran {busy_prepare}, second in train while it ran {busy_train}; "
+        f"tasks (by the node of their last attempt): head {per_node['head']}, first extra node {per_node['first']}, "
+        f"second {per_node['second']}; first killed in prepare after it ran {busy_prepare or 'nothing'}, second "
+        f"in train after it ran {busy_train or 'nothing (train ended first)'}; "
         f"nodes now {dead}; exit {code}; train's resumed_from_step {resumed} (a Train restart adds a value); "
         f"prepare {samples_in} in = {usable} usable + {quarantined} quarantined: {'holds' if holds else 'BROKEN'}; "
         f"{left + len(stray)} stray processes killed"
@@ -144,7 +145,9 @@ def second_node_killed(scratch: Path) -> list[Row]:
             "head + a `ray start --address` raylet (drill_node resource), SIGKILLed in prepare; another, in train",
             "work on every node (state API); Ray Data retries, Train goes on on the head; invariant holds; finishes",
             outcome,
-            code == 0 and min(per_node[k] for k in ("head", "first", "second")) > 0 and holds and dead == ["DEAD"] * 2,
+            # Work on the first extra node is what the state API showed before its kill (a retried
+            # task is listed under the node of its last attempt); the second may get none in a short train.
+            code == 0 and bool(busy_prepare) and per_node["head"] > 0 and holds and dead == ["DEAD"] * 2,
             samples_in,
             usable,
             quarantined,
