@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -96,6 +97,39 @@ def _batched(items: list, size: int):
         yield items[start : start + size]
 
 
+def ray_leftovers(pgid: int) -> list[int]:
+    """Ray processes still in the process group a dead driver led. When a driver that started a
+    local cluster is killed (kill -9, the OOM killer), its raylet and GCS die with it but Ray's
+    DashboardAgent and RuntimeEnvAgent do not (Ray 2.60: still there minutes later)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::") or b"site-packages/ray/" in cmdline:  # Ray's, never a user's `| tee`
+            found.append(int(entry.name))
+    return found
+
+
+def end_leftovers(pid: int, pgid: int) -> int:
+    """SIGKILL what a dead driver's local cluster left, if the driver led its process group (else
+    the group is a shell's or a pipeline's, not the driver's to clean); how many there were."""
+    if pid != pgid or not pid:
+        return 0
+    left = ray_leftovers(pgid)
+    for leftover in left:
+        try:
+            os.kill(leftover, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(left)
+
+
 @dataclass
 class StageRecord:
     run_id: str
@@ -141,6 +175,7 @@ class Lineage:
                     "crossmodal.host": socket.gethostname(),
                     "crossmodal.driver_pid": str(pid),
                     "crossmodal.driver_start": process_start(pid),
+                    "crossmodal.driver_pgid": str(os.getpgid(0)),
                     **job,
                     **tags,
                 }
@@ -154,8 +189,9 @@ class Lineage:
     def end_pipeline(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
-    def close_abandoned(self) -> list[str]:
-        """Mark runs of drivers on this host that died without ending them (kill -9) KILLED."""
+    def close_abandoned(self) -> list[tuple[str, int]]:
+        """Mark runs of drivers on this host that died without ending them (kill -9) KILLED and
+        end the Ray processes their local cluster left; (run id, processes ended) of each."""
         host, closed = socket.gethostname(), []
         runs = self.client.search_runs(
             [self.experiment_id], f"tags.`{KIND}` = 'pipeline' and attributes.status = 'RUNNING'"
@@ -170,7 +206,8 @@ class Lineage:
                         self.client.set_tag(child.info.run_id, "crossmodal.state", "killed")
                         self.client.set_terminated(child.info.run_id, "KILLED")
                 self.client.set_terminated(run.info.run_id, "KILLED")
-                closed.append(run.info.run_id)
+                ended = end_leftovers(pid, int(tags.get("crossmodal.driver_pgid", "0") or 0))
+                closed.append((run.info.run_id, ended))
         return closed
 
     def close_open_stages(self, parent_id: str, state: str, reason: str) -> None:

@@ -240,8 +240,9 @@ class Pipeline:
                 given, pinned = getattr(getattr(self.cfg, stage.section), key), getattr(self.pinned[stage.name][0], key)
                 if given != pinned:
                     self.echo(f"[{stage.name}] {stage.section}.{key} {given} is {pinned}")
-        for stale in lineage.close_abandoned():
-            self.echo(f"marked run {stale} KILLED: its driver is gone")
+        for stale, ended in lineage.close_abandoned():
+            left = f"; ended {ended} Ray processes its local cluster left" if ended else ""
+            self.echo(f"marked run {stale} KILLED: its driver is gone{left}")
         plan = [s.name for s in self.stages if s.name in self.needed]
         parent = lineage.start_pipeline(
             self.cfg.name,

@@ -42,6 +42,16 @@ class EpochClock:
         self.epoch = epoch
 
 
+def local_clock(epoch: int = 0):
+    """An EpochClock on this process's node. On another node, that node's loss would kill the
+    actor and fail every restart of Ray Train (each reads the dead clock: the two-node drill saw
+    it); here, losing the node ends the stage that made the clock anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return EpochClock.options(scheduling_strategy=here).remote(epoch)
+
+
 def read_decoded(spec: DatasetSpec, split: str, epoch_seed: int | None) -> ray.data.Dataset:
     """Decoded rows of a split (quarantined rows included, with their reason)."""
     shuffle = ray.data.FileShuffleConfig(seed=epoch_seed) if epoch_seed is not None else None

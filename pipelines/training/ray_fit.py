@@ -19,7 +19,7 @@ import torch
 from model.config import ModelConfig
 from pipelines.config.train import LoopConfig
 from pipelines.dag import StageContext, StageError
-from pipelines.data.dataset import DatasetSpec, EpochClock, build_dataset, limit_data_cpus
+from pipelines.data.dataset import DatasetSpec, build_dataset, limit_data_cpus, local_clock
 from pipelines.storage import Storage
 from pipelines.training.engine import consolidate
 from pipelines.training.ray_worker import train_loop_per_worker
@@ -58,7 +58,7 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     limit_data_cpus(spec.data_cpus, progress_bars=False)
-    clock = EpochClock.remote(0)
+    clock = local_clock(0)  # on this stage's node: not a second thing a node's loss can break
     try:
         train_data = build_dataset(spec, "train", epoch=clock, epochs=cfg.stream_epochs)
     except ValueError as err:  # settings that do not fit together, e.g. stream_epochs with a materialised split

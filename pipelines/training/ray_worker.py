@@ -102,6 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
             share = objective.teacher_seconds / progress.train_seconds
             tracker.log({"teacher_share": share}, progress.step)
             print(f"distill: the teacher's forward pass took {share:.0%} of the training time", flush=True)
+        tracker.close()  # what waited in the buffer (MLflow was down) goes out before the stage ends
 
 
 def distillation(config: dict, student: CrossModalModel) -> DistillationObjective:
