@@ -51,6 +51,7 @@ TRAIN = [
     "train.shuffle_buffer=64",
     "train.stream_epochs=1",
     "train.seed=3",
+    "train.deterministic=true",  # the case is about exact resume, whatever the base config says
 ]
 
 
