@@ -17,20 +17,26 @@ USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@?#]*):(?P<secr
 # ?secret=..., &access_key=..., X-Amz-Signature=... (presigned URLs), token=..., sig=...
 SECRET_WORDS = r"secret|token|password|passwd|pwd|key|signature|sig|credential|auth|session"
 QUERY = re.compile(rf"(?P<head>[?&;](?:[\w.-]*(?:{SECRET_WORDS})[\w.-]*)=)(?P<secret>[^&#\s\"']+)", re.IGNORECASE)
-SECRET_ENV = re.compile(rf"(?:{SECRET_WORDS}|private|cert)", re.IGNORECASE)
-# Names that match the words above yet hold no secret (and short values that would mask noise).
-NOT_SECRET_ENV = {"RAY_AUTH_MODE", "MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID", "SSH_AUTH_SOCK"}
+# An environment variable holds a secret when a word of its name (split on "_") says so:
+# AWS_SECRET_ACCESS_KEY, HF_TOKEN, MLFLOW_TRACKING_PASSWORD, DB_PASSWD, OPENAI_API_KEY. Whole
+# words, because a substring matched PWD (the working directory) and masked every path.
+SECRET_ENV_WORDS = {
+    "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASSPHRASE", "KEY", "APIKEY", "SIGNATURE", "CREDENTIAL",
+    "CREDENTIALS", "PRIVATE", "CERT", "SAS", "AUTHKEY",
+}  # fmt: skip
+# Names with such a word that hold no secret.
+NOT_SECRET_ENV = {"AWS_ACCESS_KEY_ID", "SSH_AUTH_SOCK", "RAY_AUTH_MODE"}
 MIN_SECRET_LEN = 6
+
+
+def secret_env_name(name: str) -> bool:
+    return name not in NOT_SECRET_ENV and bool(SECRET_ENV_WORDS & set(name.upper().split("_")))
 
 
 def secret_env_values(environ=None) -> list[str]:
     """Values of environment variables whose names say they hold a secret, longest first."""
     environ = os.environ if environ is None else environ
-    values = {
-        value
-        for name, value in environ.items()
-        if SECRET_ENV.search(name) and name not in NOT_SECRET_ENV and len(value) >= MIN_SECRET_LEN
-    }
+    values = {value for name, value in environ.items() if secret_env_name(name) and len(value) >= MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 
 

@@ -25,6 +25,15 @@ def test_values_of_secret_env_vars_are_masked_wherever_they_appear():
     )
 
 
+def test_names_are_read_by_whole_words():
+    # PWD and OLDPWD hold the working directory: masking it broke every file:// URI under it.
+    env = {"PWD": "/work/project", "OLDPWD": "/work/other", "DB_PASSWD": "hunter22", "KEYBOARD_LAYOUT": "dvorak"}
+    assert (
+        redact("file:///work/project/runs with hunter22, dvorak", env)
+        == f"file:///work/project/runs with {MASK}, dvorak"
+    )
+
+
 def test_trees_and_files(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
     tree = {"uri": f"http://u:{SECRET}@h/", "rows": [SECRET, 3], SECRET: 1.5}
