@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     drills = [d for d in all_drills() if not (args.quick and d.slow) and (not args.only or d.name in args.only)]
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # drills run commands in other folders: scratch paths must be absolute
     out.mkdir(parents=True, exist_ok=True)
     if any(d.needs_ray for d in drills):
         start_ray()

@@ -498,7 +498,9 @@ def portable_spec(scratch: Path) -> list[Row]:
     prepared = run_pipeline(cfg, only=["ingest", "shard", "prepare"], echo=lambda _: None)
     prepare = prepared.by_name()["prepare"]
     spec = Storage(prepare.output_uri).read_json("dataset_spec.json")
-    into_checkout = [s for s in strings_in(spec) if str(REPO) in s]
+    # The scratch folder may lie inside the checkout (make drill's runs/drill): its shard URIs
+    # are the storage the config names, not a path into the code.
+    into_checkout = [s for s in strings_in(spec) if str(REPO) in s.replace(str(scratch.resolve()), "")]
     words = spec["augment"]["negatives"]["words_file"]
     rows = [
         Row(
