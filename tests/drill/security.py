@@ -94,6 +94,16 @@ def listening(pgid: int) -> set[str]:
     return found
 
 
+def listening_on(pgid: int, port: int, deadline: float) -> set[str]:
+    """listening(pgid) once a socket on `port` is among them: uvicorn's workers may print that
+    they started before the group's listening socket shows in /proc (seen once under load)."""
+    found = listening(pgid)
+    while not any(a.endswith(f":{port}") for a in found) and time.monotonic() < deadline:
+        threading.Event().wait(0.2)  # polls the sockets, a condition with a deadline, not a guess
+        found = listening(pgid)
+    return found
+
+
 def host_of(address: str) -> str:
     return address.rsplit(":", 1)[0]
 
@@ -169,7 +179,7 @@ def start_ui(scratch: Path) -> tuple[Server, int, Row]:
     server = Server(command, scratch, scratch / "ui.log")
     # uvicorn names the address when it binds, and listens once a worker has started.
     ready = server.wait_for(f":{port}", timeout=120) and server.wait_for("Application startup complete", 240)
-    found = listening(server.process.pid) if ready else set()
+    found = listening_on(server.process.pid, port, deadline=time.monotonic() + 60) if ready else set()
     hosts = {host_of(a) for a in found}
     row = Row(
         "make ui listens on 127.0.0.1",
