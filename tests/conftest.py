@@ -29,8 +29,8 @@ def _own_mlflow_and_ray(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
+def start_local_ray():
+    """The tests' (and the drill's) local Ray cluster: 4 logical CPUs, a small object store."""
     import ray
 
     if not ray.is_initialized():
@@ -42,6 +42,12 @@ def ray_cluster():
             runtime_env={"env_vars": env.project_env(), "worker_process_setup_hook": "pipelines.patches.worker_setup"},
             logging_level=logging.WARNING,
         )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 
@@ -55,6 +61,28 @@ def fixtures_dir() -> Path:
 
 # The demo config compresses after evaluate; tests of the other stages switch that off.
 NO_COMPRESSION = ["distill.enabled=false", "prune.enabled=false", "quantize.enabled=false", "registry.enabled=false"]
+
+
+# Small and quick: the tiny model, a few steps, one train worker, 32-pixel images. Callers
+# append their own overrides after it (the last value of a key wins).
+TINY_TRAIN = [
+    "train.model.size=tiny",
+    "train.model.image_encoder=vit",
+    "train.model.overrides={}",
+    "train.workers=1",
+    "train.precision=fp32",  # bf16 is slow on CPUs without native bf16 (see test_train_stage.py)
+    "train.micro_batch=8",
+    "train.max_steps=4",
+    "train.max_minutes=null",
+    "train.val_every=2",
+    "train.checkpoint_every=4",
+    "train.log_every=1",
+    "train.stream_epochs=1",
+    "prepare.image_size=32",
+    "prepare.batch_size=32",
+    "prepare.preview_samples=2",
+    "evaluate.max_caption_tokens=8",
+]
 
 
 def small_overrides(tmp_path: Path) -> list[str]:

@@ -6,30 +6,15 @@ python -m tests.drill [--quick] [--only NAME ...] [--out runs/drill]
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+from tests.conftest import start_local_ray
 from tests.drill.case import Row, table
 from tests.drill.registry import all_drills
-
-
-def start_ray() -> None:
-    import ray
-
-    from pipelines import env
-
-    ray.init(
-        address="local",
-        num_cpus=4,
-        object_store_memory=512 * 1024 * 1024,
-        include_dashboard=False,
-        runtime_env={"env_vars": env.project_env(), "worker_process_setup_hook": "pipelines.patches.worker_setup"},
-        logging_level=logging.WARNING,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()  # drills run commands in other folders: scratch paths must be absolute
     out.mkdir(parents=True, exist_ok=True)
     if any(d.needs_ray for d in drills):
-        start_ray()
+        start_local_ray()
     rows: list[Row] = []
     for drill in drills:
         started = time.monotonic()

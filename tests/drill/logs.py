@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipelines import env
+from tests.conftest import TINY_TRAIN
 from tests.drill.case import Drill, Row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,29 +30,7 @@ PROGRESS = re.compile(r"Total Progress:|(ingest parts|shards): \d+/\d+|train: st
 # Each source of progress: a Ray Data execution, one of our task fan-outs, a training run.
 SOURCES = re.compile(r"Running Dataset:|(ingest parts|shards): \d+/\d+ done in|^\[train\] running")
 FAILED = "crossmodal: stage 'prepare' failed: prepare.vocabulary_from "
-# The tiny train of tests/pipelines/stages/test_own_data.py, for the slow drill.
-QUICK_TRAIN = [
-    "train.model.size=tiny",
-    "train.model.image_encoder=vit",
-    "train.model.overrides={}",
-    "train.workers=1",
-    "train.precision=fp32",
-    "train.micro_batch=8",
-    "train.max_steps=4",
-    "train.max_minutes=null",
-    "train.val_every=2",
-    "train.checkpoint_every=4",
-    "train.log_every=1",
-    "train.stream_epochs=1",
-    "prepare.image_size=32",
-    "prepare.batch_size=32",
-    "prepare.preview_samples=2",
-    "evaluate.max_caption_tokens=8",
-    "distill.enabled=false",
-    "prune.enabled=false",
-    "quantize.enabled=false",
-    "registry.enabled=false",
-]
+QUICK_TRAIN = TINY_TRAIN
 
 
 def user_env() -> dict[str, str]:

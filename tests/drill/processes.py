@@ -15,31 +15,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import DEMO_CONFIG, NO_COMPRESSION, REPO, start_until, stop_group
+from tests.conftest import DEMO_CONFIG, NO_COMPRESSION, REPO, TINY_TRAIN, start_until, stop_group
 
 PYTHON = sys.executable
 POLL_S = 0.2  # how often a condition on files or runs is looked at
 
-# The tiny model, a few demo samples, a few steps: every stage, fast (see test_own_data.QUICK).
+# The tiny model, a few demo samples, a few steps: every stage, fast (tests.conftest.TINY_TRAIN).
 TINY = [
     *NO_COMPRESSION,
     "ingest.demo.num_samples=120",
     "ingest.samples_per_part=100",
     "shard.samples_per_shard=32",
-    "train.model.size=tiny",
-    "train.model.image_encoder=vit",
-    "train.model.overrides={}",
-    "train.workers=1",
-    "train.precision=fp32",
-    "train.micro_batch=8",
-    "train.max_minutes=null",
-    "train.val_every=2",
-    "train.log_every=1",
-    "train.stream_epochs=1",
-    "prepare.image_size=32",
-    "prepare.batch_size=32",
-    "prepare.preview_samples=2",
-    "evaluate.max_caption_tokens=8",
+    *TINY_TRAIN,
 ]
 
 

@@ -17,34 +17,22 @@ import threading
 import time
 from pathlib import Path
 
+from tests.conftest import NO_COMPRESSION, TINY_TRAIN
 from tests.drill.case import Drill, Row
 from tests.unsafe_loads import ALLOWED, SCANNED, scan
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::1"}
-# Small and quick (tests/pipelines/stages/test_own_data.py): the tiny model, a few steps.
+# Small and quick (tests.conftest.TINY_TRAIN): the tiny model, three steps.
 QUICK = [
-    "distill.enabled=false",
-    "prune.enabled=false",
-    "quantize.enabled=false",
-    "registry.enabled=false",
+    *NO_COMPRESSION,
     "ingest.demo.num_samples=120",
     "ingest.samples_per_part=60",
     "shard.samples_per_shard=32",
-    "train.model.size=tiny",
-    "train.model.image_encoder=vit",
-    "train.model.overrides={}",
-    "train.workers=1",
-    "train.precision=fp32",
-    "train.micro_batch=8",
+    *TINY_TRAIN,
     "train.max_steps=3",
-    "train.max_minutes=null",
     "train.val_every=3",
     "train.checkpoint_every=3",
-    "train.stream_epochs=1",
-    "prepare.image_size=32",
-    "prepare.batch_size=32",
-    "prepare.preview_samples=2",
 ]
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 

@@ -15,28 +15,10 @@ from pipelines.config import load_config
 from pipelines.runner import run_pipeline
 from pipelines.scaffold import render
 from pipelines.survey import survey
-from tests.conftest import DEMO_CONFIG, NO_COMPRESSION
+from tests.conftest import DEMO_CONFIG, NO_COMPRESSION, TINY_TRAIN
 from tests.pipelines import own_data
 
-# Small and quick: the tiny model, a few steps, one train worker.
-QUICK = [
-    "train.model.size=tiny",
-    "train.model.image_encoder=vit",
-    "train.model.overrides={}",
-    "train.workers=1",
-    "train.precision=fp32",  # bf16 is slow on CPUs without native bf16 (see test_train_stage.py)
-    "train.micro_batch=8",
-    "train.max_steps=4",
-    "train.max_minutes=null",
-    "train.val_every=2",
-    "train.checkpoint_every=4",
-    "train.log_every=1",
-    "train.stream_epochs=1",
-    "prepare.image_size=32",
-    "prepare.batch_size=32",
-    "prepare.preview_samples=2",
-    "evaluate.max_caption_tokens=8",
-]
+QUICK = TINY_TRAIN
 
 
 def run_kind(tmp_path, kind: str, config, *extra: str, samples: int = 60):
