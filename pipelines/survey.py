@@ -58,7 +58,13 @@ def detect_source(path: Path) -> str:
             return "jsonl"
         raise SurveyError(f"{path}: not a JSONL manifest (.jsonl) or a shard (.tar, .tar.gz, .tgz)")
     if not path.is_dir():
-        raise SurveyError(f"{path}: no such file or folder")
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise SurveyError(f"{path}: no such file or folder") from None
+        except OSError as err:  # there, but not to be read: a link loop, a folder of another user
+            raise SurveyError(f"{path}: cannot read it ({err.strerror})") from None
+        raise SurveyError(f"{path}: not a file or folder")
     if any(p.name.endswith(SHARD_SUFFIXES) for p in path.rglob("*")):
         return "shards"
     return "folder"

@@ -73,6 +73,14 @@ def as_user(user: int | None, command: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
 
 
+def runs_as(user: int) -> bool:
+    """Whether `user` can import the project with this Python (not when the checkout or the venv
+    lies in a folder only root may enter)."""
+    probe = [sys.executable, "-c", "import jobs.cli, pydantic"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(as_user(user, probe), env=env, cwd="/", capture_output=True).returncode == 0
+
+
 def refused(user: int | None, folder: Path) -> bool:
     """Whether listing `folder` really fails for `user` (as root, chmod alone stops nothing)."""
     probe = [sys.executable, "-S", "-c", f"import os; os.listdir({str(folder)!r})"]
@@ -250,23 +258,31 @@ def folder_cases(scratch: Path) -> list[Row]:
     ]
     # An unreadable folder: as root chmod stops nothing, so the command runs as an unprivileged
     # user, from a folder of its own outside the (private) scratch; without root, as ourselves.
-    # That the listing is really refused, and only the locked folder's, is checked, not assumed.
-    user = NOBODY if os.geteuid() == 0 and shutil.which("setpriv") else None
+    # Where that user cannot run the project (a checkout in a private folder, as a CI clone under
+    # mktemp -d), the folder is a link to itself, which nobody can list. That the listing is
+    # really refused, and only the locked folder's, is checked, not assumed.
+    user = NOBODY if os.geteuid() == 0 and shutil.which("setpriv") and runs_as(NOBODY) else None
+    as_root = os.geteuid() == 0 and user is None
     home = Path(tempfile.mkdtemp(prefix="drill-unreadable-"))
     locked = home / "locked"
-    locked.mkdir()
-    (locked / "a.txt").write_text("a caption")
-    locked.chmod(0)
+    if as_root:
+        locked.symlink_to(locked)
+    else:
+        locked.mkdir()
+        (locked / "a.txt").write_text("a caption")
+        locked.chmod(0)
     try:
         if user is not None:
             home.chmod(0o777)
         blocked = refused(user, locked) and not refused(user, home)
         said = as_shell(["init", str(locked), "-o", str(home / "u.yaml")], home, user=user)
     finally:
-        locked.chmod(0o755)
+        if not as_root:
+            locked.chmod(0o755)
         shutil.rmtree(home, ignore_errors=True)
+    done = "init <a folder that links to itself>" if as_root else "init <folder chmod 000>"
     how = f" (shell as uid {user if user is not None else os.geteuid()}, listing refused: {blocked})"
-    found = row("src-unreadable-folder-init", "init <folder chmod 000>", "cannot read", said, 2, how)
+    found = row("src-unreadable-folder-init", done, "cannot read", said, 2, how)
     found.passed = found.passed and blocked  # a folder that could be read proves nothing
     rows.append(found)
     return rows

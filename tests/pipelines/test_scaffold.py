@@ -77,6 +77,13 @@ def test_init_writes_a_config_that_runs_and_explains_itself(data, tmp_path, caps
     assert capsys.readouterr().err.strip().endswith("nowhere: no such file or folder")
 
 
+def test_a_folder_nobody_can_read_is_named_as_such_not_as_missing(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # unreadable even for root, unlike chmod 000
+    with pytest.raises(SurveyError, match=r"loop: cannot read it \(Too many levels of symbolic links\)"):
+        survey(loop)
+
+
 def test_an_empty_folder_is_one_line(tmp_path):
     with pytest.raises(SurveyError, match="the folder has no files"):
         survey(tmp_path)

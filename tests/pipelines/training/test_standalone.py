@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,9 @@ from pipelines.training.standalone import main
 from tests.conftest import DEMO_CONFIG
 
 PROG = "python -m pipelines.training.standalone"
+
+
+RAY_WORKER_LINE = re.compile(r"\(\S+ pid=\d+(, ip=[\d.]+)?\) ")
 
 
 def error_of(capsys, tmp_path, spec, *overrides) -> str:
@@ -26,7 +31,9 @@ def error_of(capsys, tmp_path, spec, *overrides) -> str:
             ]
         )
     assert caught.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    # The session's Ray cluster forwards its workers' late lines ("(TrainController pid=N) ...",
+    # from an earlier test's training) to this process's stderr: not the command's output.
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not RAY_WORKER_LINE.match(line)]
     assert len(lines) == 1, lines
     return lines[0]
 
