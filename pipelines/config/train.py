@@ -67,6 +67,11 @@ class LoopConfig(Strict):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the workers: PACK on as few nodes as fit (least traffic), SPREAD over "
+        "the nodes (a lost node takes fewer workers); a restart after a lost node uses the nodes left",
+    )
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "bf16", "bf16-mixed", "fp16", "fp32"] = Field(
         "bf16",

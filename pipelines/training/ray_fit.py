@@ -88,7 +88,10 @@ def fit(
             "validate": validate,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement,
         ),
         datasets={"train": train_data} | ({"val": build_dataset(spec, "val")} if validate else {}),
         dataset_config=DataConfig(execution_options={"train": ingest_options(cfg.deterministic)}),

@@ -148,6 +148,9 @@ def test_one_section_loads_alone_and_its_errors_name_the_full_key(tmp_path):
     assert str(caught.value).startswith(f"{path}: train.micro_bach: unknown key (allowed here: ")
     with pytest.raises(ConfigError, match=r"^--set train.zero_stage=5: train.zero_stage: input should be less"):
         load_section(DEMO_CONFIG, ["train.zero_stage=5"], "train")
+    assert load_section(DEMO_CONFIG, ["train.placement=SPREAD"], "train").placement == "SPREAD"
+    with pytest.raises(ConfigError, match=r"^--set train.placement=spread: train.placement: input should be 'PACK' or"):
+        load_section(DEMO_CONFIG, ["train.placement=spread"], "train")
     with pytest.raises(ConfigError, match=r"^--set shard.samples_per_shard=3: only train\.\* keys apply here$"):
         load_section(DEMO_CONFIG, ["shard.samples_per_shard=3"], "train")
 
