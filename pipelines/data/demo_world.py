@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,6 +88,16 @@ POSITION_PHRASES = {
 COUNT_WORDS = ("zero", "one", "two", "three")
 CAPTION_TEMPLATES = ("{objects}.", "there is {objects}.", "a picture of {objects}.", "{count} {noun}: {objects}.")
 ANSWERS = tuple(COLOURS) + SHAPES + COUNT_WORDS[1:] + POSITIONS
+# One shape as a caption names it (`Shape.phrase`): what evaluation parses scenes back from.
+SHAPE_PHRASE = re.compile(rf"\ban? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) ({'|'.join(POSITION_PHRASES.values())})")
+PHRASE_POSITIONS = {phrase: position for position, phrase in POSITION_PHRASES.items()}
+
+
+def parse_caption(text: str) -> tuple[tuple[str, str, str], ...] | None:
+    """The (colour, kind, position) of each shape a demo caption names, in its order; None
+    for a text that names none (not a demo caption)."""
+    found = SHAPE_PHRASE.findall(text.lower())
+    return tuple((colour, kind, PHRASE_POSITIONS[phrase]) for colour, kind, phrase in found) or None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Metric names (MLflow keys):
     robustness.caption.without_<m>.{bleu4,cider}    drop when modality m is removed (positive = worse)
     robustness.vqa.without_<m>.exact
     safety.{captions,answers}.{checked,blocked}
+    vqa.<context>.by_type.<type>, retrieval.<dir>.wrong_top1...: pipelines/evaluation/diagnosis.py
 Robustness compares, on the samples that have both image and audio, the full context with
 each modality removed. Retrieval has no robustness figure: each direction already uses one
 modality per side, so removing another changes nothing.
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.evaluation.collect import CONTEXTS, FULL, Collected, modality_flags
+from pipelines.evaluation.diagnosis import diagnosis_metrics
 from pipelines.evaluation.metrics import all_directions, bleu4, cider, recall_summary, top1_hub, vqa_exact, vqa_soft
 
 
@@ -62,7 +64,8 @@ def evaluation_metrics(collected: Collected) -> dict[str, float]:
     """Every figure the collected parts allow (see the module docstring for the names)."""
     metrics: dict[str, float] = {}
     embeddings, present = collected.stacked()
-    for direction, (ranks, candidates) in all_directions(embeddings, present).items():
+    directions = all_directions(embeddings, present)
+    for direction, (ranks, candidates) in directions.items():
         metrics |= {f"retrieval.{direction}.{k}": v for k, v in recall_summary(ranks, candidates).items()}
         source, target = direction.split("_to_")
         share, hub = top1_hub(embeddings[source], embeddings[target], present[source], present[target])
@@ -79,6 +82,7 @@ def evaluation_metrics(collected: Collected) -> dict[str, float]:
     for context in collected.predicted_labels:
         if len(rows := question_rows(collected, context)):
             metrics |= prefixed(f"vqa.{context}", vqa_scores(collected, context, rows))
+    metrics |= diagnosis_metrics(collected, embeddings, present, directions)
     metrics |= robustness(collected)
     if collected.captions or collected.predicted:
         for kind, (checked, blocked) in collected.filter_counts.items():

@@ -21,6 +21,7 @@ from pipelines.data.collate import to_model_batch
 from pipelines.data.dataset import DatasetSpec, build_dataset, limit_data_cpus
 from pipelines.data.profile import MODALITIES, skipped_parts
 from pipelines.evaluation.collect import CONTEXTS, Scoring, collect
+from pipelines.evaluation.diagnosis import summary_line
 from pipelines.evaluation.plots import example_grid, recall_curves, similarity_heatmap
 from pipelines.evaluation.report import evaluation_metrics, example_table
 from pipelines.inference.resolve import load_model
@@ -55,6 +56,8 @@ def evaluate(cfg: EvaluateConfig, ctx: StageContext) -> StageResult:
         f"evaluate: {ref} on {cfg.split} ({metrics['samples']} samples): "
         + ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics)
     )
+    if why := summary_line(metrics):
+        print(f"evaluate: {why}")
     artifacts = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

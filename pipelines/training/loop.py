@@ -183,15 +183,19 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
 
 
 def progress_line(cfg: LoopConfig, step: int, seconds: float, loss: float, samples_per_s: float) -> str:
-    """'train: step 120 of 100000 | 2.1 of 9.0 min | about 6.9 min left | loss 2.310 | 98 samples/s':
-    the budget that ends training first (steps or minutes) sets the time left."""
-    left = (cfg.max_steps - step) * seconds / max(step, 1)
-    budget = ""
+    """'train: step 120 of about 520 (9 min budget) | 2.1 of 9.0 min | about 6.9 min left | loss
+    2.310 | 98 samples/s': the budget that ends training first (steps, or minutes at the pace so
+    far) sets the step count shown and the time left."""
+    pace = step / max(seconds, 1e-6)  # steps per second so far
+    left = (cfg.max_steps - step) / max(pace, 1e-9)
+    total, budget = str(cfg.max_steps), ""
     if cfg.max_minutes:
-        left = min(left, cfg.max_minutes * 60 - seconds)
         budget = f" | {seconds / 60:.1f} of {cfg.max_minutes:g} min"
+        if cfg.max_minutes * 60 - seconds < left:  # the clock ends it first
+            left = cfg.max_minutes * 60 - seconds
+            total = f"about {step + pace * max(left, 0):.0f} ({cfg.max_minutes:g} min budget)"
     return (
-        f"train: step {step} of {cfg.max_steps}{budget} | about {max(left, 0) / 60:.1f} min left | "
+        f"train: step {step} of {total}{budget} | about {max(left, 0) / 60:.1f} min left | "
         f"loss {loss:.3f} | {samples_per_s:.0f} samples/s"
     )
 

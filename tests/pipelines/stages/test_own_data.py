@@ -50,6 +50,7 @@ def test_one_kind_of_sample_from_init_to_evaluate(tmp_path, ray_cluster, kind, p
     assert 0 < metrics[f"retrieval.{present}_to_text.hub_share"] <= 1
     assert metrics[f"caption.{present}.samples"] > 0
     assert not [k for k in metrics if absent in k or k.startswith("vqa.")], sorted(metrics)
+    assert f"retrieval.text_to_{present}.wrong_top1" in metrics and not [k for k in metrics if ".confused." in k]
     notes = summary(client, runs["evaluate"])["skipped"]
     assert notes == [
         f"no {absent} in the test split: retrieval to and from {absent} and captions from it skipped",

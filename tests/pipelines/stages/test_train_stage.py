@@ -134,6 +134,16 @@ def test_evaluate_stage_scores_the_model_with_metrics_plots_and_a_table(demo_roo
     for context in ("image", "audio", "image_audio"):
         assert 0 <= metrics[f"caption.{context}.bleu4"] <= 1 and metrics[f"caption.{context}.cider"] >= 0
         assert 0 <= metrics[f"vqa.{context}.exact"] <= 1 and metrics[f"vqa.{context}.questions"] > 0
+        by_type = {kind: metrics[f"vqa.{context}.by_type.{kind}"] for kind in ("count", "colour", "shape", "position")}
+        assert all(0 <= v <= 1 for v in by_type.values()), by_type
+    asked = sum(metrics[f"vqa.questions_by_type.{kind}"] for kind in ("count", "colour", "shape", "position"))
+    assert asked == metrics["vqa.image_audio.questions"]  # the demo asks only these four types
+    wrong = metrics["retrieval.text_to_image.wrong_top1"]
+    queries = metrics["retrieval.text_to_image.queries"]
+    assert wrong == round(queries * (1 - metrics["retrieval.text_to_image.r1"]))
+    if wrong:  # the demo world's captions parse: each wrong result differs somewhere, or is a twin
+        shares = [metrics[f"retrieval.text_to_image.confused.{a}"] for a in ("count", "colour", "kind", "position")]
+        assert sum(shares) + metrics["retrieval.text_to_image.confused.none"] >= 1
     for removed in ("image", "audio"):
         assert (
             f"robustness.caption.without_{removed}.cider" in metrics
