@@ -116,6 +116,7 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
     window_start, window_samples = time.perf_counter(), 0
     session_start, before = time.perf_counter(), progress.train_seconds
     last_printed = session_start
+    paced_from = None  # (step, seconds) of the session's first logged step: the pace is measured from it
     last_saved = progress.step
 
     def elapsed() -> float:
@@ -155,13 +156,15 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
                     },
                     progress.step,
                 )
+                seconds = elapsed()
+                paced_from = paced_from or (progress.step, seconds)  # the first steps wait for the data
                 if now - last_printed >= PRINT_EVERY_S or progress.step == cfg.log_every:
-                    print(
-                        progress_line(
-                            cfg, progress.step, elapsed(), losses["loss.total"], window_samples / (now - window_start)
-                        ),
-                        flush=True,
+                    done, took = progress.step - paced_from[0], seconds - paced_from[1]
+                    pace = done / took if done > 0 and took > 0 else None
+                    line = progress_line(
+                        cfg, progress.step, seconds, losses["loss.total"], window_samples / (now - window_start), pace
                     )
+                    print(line, flush=True)
                     last_printed = now
                 window_start, window_samples = now, 0
             if data.val and progress.step % cfg.val_every == 0:
@@ -182,11 +185,13 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
     return finish(engine, data, dtype, sink, rank, progress, last_saved, generator)
 
 
-def progress_line(cfg: LoopConfig, step: int, seconds: float, loss: float, samples_per_s: float) -> str:
+def progress_line(
+    cfg: LoopConfig, step: int, seconds: float, loss: float, samples_per_s: float, pace: float | None = None
+) -> str:
     """'train: step 120 of about 520 (9 min budget) | 2.1 of 9.0 min | about 6.9 min left | loss
-    2.310 | 98 samples/s': the budget that ends training first (steps, or minutes at the pace so
-    far) sets the step count shown and the time left."""
-    pace = step / max(seconds, 1e-6)  # steps per second so far
+    2.310 | 98 samples/s': the budget that ends training first (steps, or minutes at `pace`
+    steps a second, by default the pace so far) sets the step count shown and the time left."""
+    pace = pace or step / max(seconds, 1e-6)
     left = (cfg.max_steps - step) / max(pace, 1e-9)
     total, budget = str(cfg.max_steps), ""
     if cfg.max_minutes:

@@ -24,3 +24,10 @@ def test_progress_line_shows_the_budget_that_ends_training_first(max_steps, max_
     cfg = LoopConfig(max_steps=max_steps, max_minutes=max_minutes)
     line = progress_line(cfg, step, seconds, loss=2.3101, samples_per_s=97.6)
     assert line == expected + " | loss 2.310 | 98 samples/s"
+
+
+def test_the_pace_given_replaces_the_pace_so_far():
+    # 100 steps in 120 s, but 1 step a second since the data started: 100 + 420 steps
+    cfg = LoopConfig(max_steps=100_000, max_minutes=9.0)
+    line = progress_line(cfg, 100, 120.0, loss=1.0, samples_per_s=64.0, pace=1.0)
+    assert line.startswith("train: step 100 of about 520 (9 min budget) | 2.0 of 9 min | about 7.0 min left")
