@@ -24,10 +24,9 @@ from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipelines.data.demo_world import parse_caption
-from pipelines.evaluation.metrics import vqa_exact
+from pipelines.evaluation.metrics import direction_similarity, vqa_exact
 
 QUESTION_TYPES = (  # first match wins
     ("count", re.compile(r"^(how many|how much|what number)\b")),
@@ -75,11 +74,9 @@ def wrong_top1(queries, candidates, has_query, has_candidate) -> tuple[np.ndarra
     """(query sample, retrieved sample) for every query whose own sample is not the sole best:
     the retrieved one is the best-scoring other candidate (ties count against the query, as in
     `metrics.retrieval_ranks`)."""
-    candidate_rows = has_candidate.nonzero().squeeze(1)
-    query_rows = (has_query & has_candidate).nonzero().squeeze(1)
-    if len(query_rows) == 0 or len(candidate_rows) < 2:
+    sims, query_rows, candidate_rows = direction_similarity(queries, candidates, has_query, has_candidate)
+    if sims is None:
         return np.zeros(0, int), np.zeros(0, int)
-    sims = F.normalize(queries[query_rows].float(), dim=-1) @ F.normalize(candidates[candidate_rows].float(), dim=-1).T
     own = torch.searchsorted(candidate_rows, query_rows)
     own_score = sims.gather(1, own[:, None]).squeeze(1)
     sims.scatter_(1, own[:, None], float("-inf"))

@@ -33,23 +33,31 @@ def retrieval_ranks(similarity: torch.Tensor, own: torch.Tensor) -> torch.Tensor
 def direction_ranks(queries, candidates, has_query, has_candidate) -> tuple[torch.Tensor, int]:
     """Ranks of the queries that have both modalities among every sample that has the target
     modality (the candidates), and the number of candidates."""
+    sims, query_rows, candidate_rows = direction_similarity(queries, candidates, has_query, has_candidate)
+    if sims is None:
+        return torch.zeros(0, dtype=torch.long), len(candidate_rows)
+    return retrieval_ranks(sims, torch.searchsorted(candidate_rows, query_rows)), len(candidate_rows)
+
+
+def direction_similarity(queries, candidates, has_query, has_candidate):
+    """(cosine similarity of each query to each candidate, query rows, candidate rows): queries
+    are the samples with both modalities, candidates every sample with the target one; the
+    similarity is None when there is nothing to rank (no query, or fewer than 2 candidates)."""
     candidate_rows = has_candidate.nonzero().squeeze(1)
     query_rows = (has_query & has_candidate).nonzero().squeeze(1)
     if len(query_rows) == 0 or len(candidate_rows) < 2:
-        return torch.zeros(0, dtype=torch.long), len(candidate_rows)
+        return None, query_rows, candidate_rows
     sims = F.normalize(queries[query_rows].float(), dim=-1) @ F.normalize(candidates[candidate_rows].float(), dim=-1).T
-    return retrieval_ranks(sims, torch.searchsorted(candidate_rows, query_rows)), len(candidate_rows)
+    return sims, query_rows, candidate_rows
 
 
 def top1_hub(queries, candidates, has_query, has_candidate) -> tuple[float, int]:
     """Hubness of one direction: the share of queries whose top-1 result is the candidate that is
     top-1 most often (1/candidates for a spread-out ranking; near 1 when one candidate wins for
     every query), and that candidate's sample index."""
-    candidate_rows = has_candidate.nonzero().squeeze(1)
-    query_rows = (has_query & has_candidate).nonzero().squeeze(1)
-    if len(query_rows) == 0 or len(candidate_rows) < 2:
+    sims, query_rows, candidate_rows = direction_similarity(queries, candidates, has_query, has_candidate)
+    if sims is None:
         return 0.0, -1
-    sims = F.normalize(queries[query_rows].float(), dim=-1) @ F.normalize(candidates[candidate_rows].float(), dim=-1).T
     counts = torch.bincount(sims.argmax(dim=1), minlength=len(candidate_rows))
     return float(counts.max()) / len(query_rows), int(candidate_rows[counts.argmax()])
 
