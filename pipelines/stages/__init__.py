@@ -21,8 +21,16 @@ STAGES: list[Stage] = [
     Stage("prepare", prepare, section="prepare", needs=("shard",), references=("vocabulary_from",)),
     Stage("train", train, section="train", needs=("prepare",), references=("init_from",)),
     # evaluate.model, when given, is pinned like the other references: a folder or a registered
-    # model that is not there is a one-line error before any stage runs, not after training.
-    Stage("evaluate", evaluate, section="evaluate", needs=("prepare", "train"), references=("model",)),
+    # model that is not there is a one-line error before any stage runs, not after training. With
+    # it, evaluate scores that model and needs no train stage (`--only evaluate` runs alone).
+    Stage(
+        "evaluate",
+        evaluate,
+        section="evaluate",
+        needs=("prepare", "train"),
+        references=("model",),
+        uses=lambda s: ("prepare",) if s.model else ("prepare", "train"),
+    ),
     # Compression (off unless their sections say enabled: true). `source` picks the model each
     # one takes, so each needs every stage it could take it from and uses the chosen one.
     Stage("distill", distill, section="distill", needs=("prepare", "train")),

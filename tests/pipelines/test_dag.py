@@ -203,3 +203,8 @@ def test_compression_is_off_unless_a_config_turns_it_on():
     cfg = PipelineConfig(name="plain")
     stages = [s.name for s in configured(STAGES, lambda s: getattr(cfg, s.section))]
     assert stages == ["ingest", "shard", "prepare", "train", "evaluate"]
+
+
+def test_evaluate_needs_no_train_stage_when_it_is_given_a_model():
+    assert "evaluate<prepare,train" in compression_plan()
+    assert "evaluate<prepare" in compression_plan("evaluate.model=runs/some/model")
