@@ -28,54 +28,63 @@ def info_nce(
     scale: torch.Tensor,
     b_negatives: torch.Tensor | None = None,
     negative_weight: float = 1.0,
+    rows: torch.Tensor | None = None,
+    negatives_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric CLIP loss per row: matched rows are the positives, all others negatives.
     `b_negatives` are extra candidates of b's modality for the a->b direction only (hard
     negative captions: they have no partner to be retrieved by), each counted `negative_weight`
-    times (a log-weight on its logit)."""
+    times (a log-weight on its logit). `rows` (bool): only these rows take part, as candidates
+    and as queries (the others' losses are 0); `negatives_valid` (bool): which negatives are real.
+    Masks, not indexing: a row subset chosen on the host would wait for the GPU (model.syncs)."""
     logits = (scale * a @ b.T).float()  # losses in float32 whatever the weights' dtype
     target = torch.arange(a.shape[0], device=a.device)
+    if rows is not None:  # a finite floor, not -inf: a row with no candidate left stays NaN-free
+        logits = logits.masked_fill(~(rows[:, None] & rows[None, :]), torch.finfo(logits.dtype).min)
+    a_to_b = logits
     if b_negatives is not None:
         hard = (scale * a @ b_negatives.T).float() + math.log(negative_weight)
-    a_to_b = logits if b_negatives is None else torch.cat([logits, hard], dim=1)
-    return (F.cross_entropy(a_to_b, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+        if negatives_valid is not None:
+            hard = hard.masked_fill(~negatives_valid[None, :], torch.finfo(hard.dtype).min)
+        a_to_b = torch.cat([logits, hard], dim=1)
+    loss = (F.cross_entropy(a_to_b, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")) / 2
+    return loss if rows is None else torch.where(rows, loss, 0.0)
 
 
 def contrastive(
     model,
     embeddings: dict[str, torch.Tensor],
     present: dict[str, torch.Tensor],
-    text_negatives: torch.Tensor | None = None,
+    text_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
     negative_weight: float = 1.0,
 ) -> TaskLoss:
-    """Mean InfoNCE over every pair of modalities, on the samples that have both. Hard negative
-    captions (`text_negatives`, embedded) join the texts every image and audio is scored against."""
+    """Mean InfoNCE over every pair of modalities, on the samples that have both (a pair two
+    samples or more share). Hard negative captions (`text_negatives`: embedded, and which are
+    real) join the texts every image and audio is scored against."""
     size = next(iter(embeddings.values())).shape[0]
     device = next(iter(embeddings.values())).device
     total, count = torch.zeros(size, device=device), torch.zeros(size, device=device)
     scale = model.logit_scale.clamp(max=4.6052).exp()
     for m1, m2 in itertools.combinations(embeddings, 2):
-        rows = (present[m1] & present[m2]).nonzero().squeeze(1)
-        if rows.numel() < 2:
-            continue
+        both = present[m1] & present[m2]
+        rows = both & (both.sum() >= 2)  # one sample alone has nothing to be contrasted with
         if "text" in (m1, m2):  # text as b, so the negatives are candidates for the other modality
             other = m2 if m1 == "text" else m1
-            loss = info_nce(embeddings[other][rows], embeddings["text"][rows], scale, text_negatives, negative_weight)
+            negatives, real = text_negatives if text_negatives is not None else (None, None)
+            loss = info_nce(embeddings[other], embeddings["text"], scale, negatives, negative_weight, rows, real)
         else:
-            loss = info_nce(embeddings[m1][rows], embeddings[m2][rows], scale)
-        total = total.index_add(0, rows, loss)
-        count = count.index_add(0, rows, torch.ones_like(rows, dtype=count.dtype))
+            loss = info_nce(embeddings[m1], embeddings[m2], scale, rows=rows)
+        total, count = total + loss, count + rows.to(count.dtype)
     return total / count.clamp(min=1), count > 0
 
 
-def embed_negatives(model, batch: dict) -> torch.Tensor | None:
-    """Embeddings of the batch's hard negative captions (rows without one are skipped)."""
+def embed_negatives(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Embeddings of the batch's hard negative captions, and which rows hold one (a row
+    without one, no <bos>, is embedded too and never scored: choosing rows would wait for the GPU)."""
     if "negative_ids" not in batch:
         return None
-    rows = batch["negative_mask"][:, 0].nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return None
-    return model.embed({"text": model.encode_text(batch["negative_ids"][rows], batch["negative_mask"][rows])})["text"]
+    embedded = model.embed({"text": model.encode_text(batch["negative_ids"], batch["negative_mask"])})["text"]
+    return embedded, batch["negative_mask"][:, 0]
 
 
 # -- fused tasks -----------------------------------------------------------------------------
@@ -92,8 +101,11 @@ def hard_negatives(embeddings, present, generator) -> tuple[torch.Tensor, torch.
         weights.fill_diagonal_(0)
         weights *= present["text"][None, :].float()
         found = weights.sum(dim=1) > 0
-        weights[~found] = 1.0  # any row, so multinomial can draw; these samples are not scored
-        return torch.multinomial(weights, 1, generator=generator).squeeze(1), found
+        weights = weights.masked_fill(~found[:, None], 1.0)  # any row, so one can be drawn; not scored
+        # One draw per row in proportion to the weights: multinomial's own method (the exponential
+        # race), without its input check, which reads the GPU back (model.syncs).
+        race = torch.empty_like(weights).exponential_(1, generator=generator)
+        return (weights / race).argmax(dim=1), found
 
 
 def matching(model, encoded, embeddings, present, context_present, generator) -> TaskLoss:
@@ -293,9 +305,10 @@ def combine(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total loss, each task's loss as a detached 0-dim tensor: NaN where no sample applied).
 
-    One device sync per step (is any task applied at all?), not one per task: on a GPU each
-    sync stops the host from queueing work ahead of the device."""
-    total, parts, applied = None, {}, None
+    Nothing here reads a value back to the host (on a GPU that would stop it queueing work
+    ahead): a batch no task applies to gives a total of 0 and every task NaN, which
+    `nothing_applies` tells the caller when it reads the losses anyway."""
+    total, parts = None, {}
     for name, (loss, applies) in tasks.items():
         if not task_weights.get(name):
             continue
@@ -304,8 +317,13 @@ def combine(
         task = (loss * weights).sum() / weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
         parts[name] = torch.where(weight_sum > 0, task, torch.nan).detach()
         total = task_weights[name] * task if total is None else total + task_weights[name] * task
-        applied = weight_sum > 0 if applied is None else applied | (weight_sum > 0)
-    if total is None or not bool(applied):
-        raise ValueError("no objective applies to this batch")
+    if total is None:
+        raise ValueError("no objective is weighted for this batch (every loss weight of its tasks is 0)")
     parts["total"] = total.detach()
     return total, parts
+
+
+def nothing_applies(parts: dict[str, float]) -> bool:
+    """True when no task of a step applied to any sample (its losses, read back: all NaN)."""
+    tasks = [value for name, value in parts.items() if not name.endswith("total")]
+    return all(value != value for value in tasks)

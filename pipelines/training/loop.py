@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.objectives import nothing_applies
 from pipelines.config.train import LoopConfig
 from pipelines.evaluation.collect import collect, gather
 from pipelines.evaluation.report import evaluation_metrics
@@ -132,6 +133,8 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
             progress.epoch_batches = progress.epoch_batches + 1 if epoch == progress.data_epoch else 1
             progress.data_epoch = epoch
             loss, parts = engine(cast_batch(batch, dtype), generator)
+            if index == progress.batch_in_pass:  # a pass's first step: read back once (see check_applies)
+                check_applies({k: float(v) for k, v in parts.items()})
             engine.backward(loss)
             if cfg.max_minutes:  # one scalar all-reduce per step, only when there is a budget
                 budget.fraction = agreed_max(elapsed(), control) / (cfg.max_minutes * 60)
@@ -147,6 +150,7 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
             if progress.step % cfg.log_every == 0 and rank == 0:
                 now = time.perf_counter()
                 losses = {f"loss.{k}": float(v) for k, v in parts.items()}  # the only sync of the step's losses
+                check_applies(losses)
                 sink.log(
                     {
                         **{k: v for k, v in losses.items() if v == v},
@@ -183,6 +187,17 @@ def train(model, cfg: LoopConfig, data: Data, sink: Sink, rank: int, world: int,
             )
         progress.pass_start, progress.batch_in_pass = progress.data_epoch + 1, 0
     return finish(engine, data, dtype, sink, rank, progress, last_saved, generator)
+
+
+def check_applies(losses: dict[str, float]) -> None:
+    """The step's losses are read back only at a pass's first step and at logged steps (on a GPU
+    every read stops the host queueing work ahead): there, a batch no task applied to stops
+    the run, as it says the data cannot train this model (e.g. text alone, without questions)."""
+    if nothing_applies(losses):
+        raise ValueError(
+            "no objective applies to this batch: it needs two modalities of a sample, a caption "
+            "with an image or audio, or a question (see the data's modality counts)"
+        )
 
 
 def progress_line(

@@ -31,3 +31,11 @@ def test_the_pace_given_replaces_the_pace_so_far():
     cfg = LoopConfig(max_steps=100_000, max_minutes=9.0)
     line = progress_line(cfg, 100, 120.0, loss=1.0, samples_per_s=64.0, pace=1.0)
     assert line.startswith("train: step 100 of about 520 (9 min budget) | 2.0 of 9 min | about 7.0 min left")
+
+
+def test_a_logged_step_no_task_applied_to_stops_the_run_with_what_the_data_lacks():
+    from pipelines.training.loop import check_applies
+
+    check_applies({"loss.total": 1.5, "loss.vqa": 1.5, "loss.caption": float("nan")})
+    with pytest.raises(ValueError, match="no objective applies to this batch: it needs two modalities"):
+        check_applies({"loss.total": 0.0, "loss.vqa": float("nan"), "loss.caption": float("nan")})
