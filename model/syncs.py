@@ -40,26 +40,37 @@ _HERE = str(Path(__file__).resolve().parent.parent)  # the project: call sites a
 
 class HostSyncs(TorchDispatchMode):
     """Counts the syncing operations dispatched inside the block (forward and the autograd
-    engine's backward alike, as both go through the dispatcher of this thread), with the first
-    project frame that led to each (`sites`: "file:line reason" -> count)."""
+    engine's backward alike: its threads inherit the mode), with the first frame outside torch
+    that led to each (`sites`: "file:line reason" -> count), and all aten calls (`calls`)."""
 
-    def __init__(self):
+    def __init__(self, device_tensors_only: bool = False):
+        """`device_tensors_only`: on a GPU, skip reads of CPU tensors (an optimizer's step count),
+        which wait for nothing; on a CPU every candidate counts, as it would sync on a GPU."""
         super().__init__()
+        self.device_tensors_only = device_tensors_only
         self.sites: Counter[str] = Counter()
+        self.calls = 0  # every aten call dispatched: the host's work, kernel launches included
 
     @property
     def count(self) -> int:
         return sum(self.sites.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
         reason = SYNCING.get(func)
         if reason is None and func is aten.index.Tensor:  # x[bool_mask] is a nonzero in disguise
             indices = args[1] if len(args) > 1 else ()
             if any(i is not None and i.dtype == torch.bool for i in indices):
                 reason = "boolean-mask index (output size depends on the data)"
+        if reason is not None and self.device_tensors_only and not on_a_device(args):
+            reason = None
         if reason is not None:
             self.sites[f"{call_site()} {reason}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def on_a_device(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
 
 
 def call_site() -> str:

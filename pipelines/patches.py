@@ -9,6 +9,10 @@ patch's test runs it against the real library object it replaces (tests/pipeline
   `init_distributed` (20-26 s a worker start on CPU, used only for inference): skipped.
 - DeepSpeed ZeRO-1/2 `unscale_and_clip_grads`: the same clipping rule without its device sync
   (it asks the host whether the norm is finite every step, which stalls a GPU step).
+- DeepSpeed `mask_nan_or_inf_with_val_inplace` (the gradient norm's invalid marker, once per
+  parameter group and step): the same -1 fill from a Python float; DeepSpeed's builds the value
+  on the host and copies it to the device, then fills with a device tensor the kernel reads back
+  (two syncs per group, four per ZeRO-2 step of our model: 14 syncs against AMP's 10 on an H200).
 - Ray Data's streaming executor spins while back-pressured; `IdleBackoff` (an execution
   callback that reads the executor's private `_topology`) sleeps after a step in which nothing
   moved.
@@ -27,6 +31,7 @@ patch's test runs it against the real library object it replaces (tests/pipeline
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 import threading
@@ -86,7 +91,21 @@ def patch_deepspeed() -> bool:
     REPLACED.setdefault("DeepSpeedZeroOptimizer.unscale_and_clip_grads", DeepSpeedZeroOptimizer.unscale_and_clip_grads)
     comm.build_shm_op = skip_shm_op
     DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    # Each module imported the function by name: the name is replaced where it is looked up.
+    for name in NORM_MASK_USERS:
+        module = importlib.import_module(name)
+        REPLACED.setdefault(f"{name}.mask_nan_or_inf_with_val_inplace", module.mask_nan_or_inf_with_val_inplace)
+        module.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
     return True
+
+
+NORM_MASK_USERS = ("deepspeed.runtime.utils", "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3")
+
+
+def mask_nan_or_inf_with_val_inplace(input, device=None, val=-1.0):  # DeepSpeed's signature
+    """In place of DeepSpeed's: a NaN or infinite gradient norm becomes -1 (its invalid marker;
+    like DeepSpeed's, whatever `val` says), filled from a Python float: nothing read back."""
+    input.masked_fill_(input.isnan() | input.isinf(), -1.0)
 
 
 def skip_shm_op():

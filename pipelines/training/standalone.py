@@ -138,6 +138,18 @@ class MicroBatches(torch.utils.data.IterableDataset):
         return rebatch(iter(self.stream), self.size, drop_last=self.stream.train)
 
 
+def model_batches(spec, split, rank, world, epoch, size, train, epochs, workers, device):
+    """This rank's model batches of `size` rows on `device`: `workers` DataLoader processes read,
+    decode, augment and cut them (the training loop's data path; the GPU benchmark times it alone)."""
+    stream = ShardStream(spec, split, rank, world, epoch, spec.batch_size, train, epochs)
+    # Pinned host memory (filled by the DataLoader's own thread) makes the copy to the GPU
+    # asynchronous: the next batch moves while this step runs.
+    loaded = torch.utils.data.DataLoader(
+        MicroBatches(stream, size), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    return (to_model_batch(b, device) for b in loaded)
+
+
 def main(argv: list[str] | None = None) -> int:
     env.configure()
     parser = argparse.ArgumentParser(
@@ -196,14 +208,9 @@ def run(cfg, spec: DatasetSpec, out: Path, loader_workers: int, log=None):
 
     def loader(split, epoch, train_split):
         epochs = cfg.stream_epochs if train_split else 1
-        stream = ShardStream(spec, split, rank, world, epoch, spec.batch_size, train_split, epochs)
-        batches = MicroBatches(stream, cfg.micro_batch if train_split else 64)
-        # Pinned host memory (filled by the DataLoader's own thread) makes the copy to the GPU
-        # asynchronous: the next batch moves while this step runs.
-        loaded = torch.utils.data.DataLoader(
-            batches, batch_size=None, num_workers=loader_workers, pin_memory=device.type == "cuda"
-        )
-        return in_lockstep((to_model_batch(b, device) for b in loaded), control)
+        size = cfg.micro_batch if train_split else 64
+        batches = model_batches(spec, split, rank, world, epoch, size, train_split, epochs, loader_workers, device)
+        return in_lockstep(batches, control)
 
     def save_checkpoint(folder: Path, metrics: dict) -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)

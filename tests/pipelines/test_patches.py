@@ -45,6 +45,27 @@ def test_the_sync_free_clip_scales_gradients_as_deepspeeds_own(deepspeed_patched
     assert torch.allclose(ours[0], theirs[0], rtol=1e-6) and torch.allclose(ours[1][0], theirs[1][0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("module", patches.NORM_MASK_USERS)
+def test_the_norm_marker_is_replaced_where_deepspeed_looks_it_up(deepspeed_patched, module):
+    assert sys.modules[module].mask_nan_or_inf_with_val_inplace is patches.mask_nan_or_inf_with_val_inplace
+    original = patches.REPLACED[f"{module}.mask_nan_or_inf_with_val_inplace"]
+    assert inspect.signature(original) == inspect.signature(patches.mask_nan_or_inf_with_val_inplace)
+
+
+@pytest.mark.parametrize("norm", [3.5, 0.0, float("inf"), float("-inf"), float("nan")])
+def test_the_norm_marker_marks_as_deepspeeds_own_and_reads_nothing_back(deepspeed_patched, norm):
+    from model.syncs import HostSyncs
+
+    original = patches.REPLACED["deepspeed.runtime.utils.mask_nan_or_inf_with_val_inplace"]
+    theirs, ours = torch.tensor(norm), torch.tensor(norm)
+    original(theirs, device="cpu")
+    with HostSyncs() as syncs:
+        patches.mask_nan_or_inf_with_val_inplace(ours, device="cpu")
+    # (DeepSpeed's own reads nothing back on a CPU either: its two syncs are a pageable copy to
+    # the GPU and the CUDA fill kernel reading its 0-dim value tensor.)
+    assert torch.equal(ours, theirs) and syncs.count == 0
+
+
 def test_the_shm_op_is_not_built(deepspeed_patched):
     comm = sys.modules["deepspeed.comm.torch"]
     assert callable(patches.REPLACED["deepspeed.comm.torch.build_shm_op"])  # DeepSpeed's own builder

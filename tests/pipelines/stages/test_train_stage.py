@@ -280,6 +280,27 @@ def test_the_standalone_loop_trains_under_torchrun(demo_root, tmp_path):
     assert saved.extra["steps"] == 6
 
 
+@pytest.mark.spawn
+def test_the_gpu_benchmark_times_data_alone_and_the_loop_on_prepared_shards(demo_root):
+    """benchmarks/gpu_step.py --spec on a CPU at the tiny size: every part a lent GPU's short run
+    depends on (the loader to the device, the loop, the targets) runs here first."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    spec = Storage(demo_root.joinpath("spec").read_text()).child("dataset_spec.json").path()
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--device", "cpu", "--size", "tiny"]
+    command += ["--batch", "4", "--steps", "1", "--warmup", "1", "--spec", spec, "--loop-steps", "4"]
+    command += ["--loader-workers", "1", "--data-batches", "3", "--port", str(free_port())]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()}
+    assert "samples/s" in lines["data alone, 1 workers"] and "TFLOP/s" in lines["loop, 1 workers"]
+    assert "loop, 1 workers / AMP step:" in done.stdout and "ZeRO-2 bf16 / AMP step:" in done.stdout
+    assert "no comparison with it in this run" in done.stdout  # no open_clip here: no anchor, no constant
+
+
 def test_a_standalone_pass_of_two_epochs_reads_each_as_a_pass_of_one_would(demo_root):
     """`train.stream_epochs` without Ray: one DataLoader pass over epochs 3 and 4, each batch tagged."""
     from pipelines.training.standalone import ShardStream, read_spec
