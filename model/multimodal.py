@@ -29,6 +29,7 @@ from model.encoders import AudioEncoder, Encoded, TextEncoder, image_encoder
 from model.fusion import Fused, Fusion
 from model.heads import AnswerHead, MaskedTokenHead, MatchingHead, PatchReconstructionHead
 from model.layers import init_weights
+from model.tokenizer import PAD
 
 
 class CrossModalModel(nn.Module):
@@ -74,10 +75,28 @@ class CrossModalModel(nn.Module):
     def encode_text(self, ids, mask) -> Encoded:
         return self.encoders["text"](ids, mask)
 
-    def encode(self, batch: dict, text: str = "text") -> dict[str, Encoded]:
-        """Encoder outputs of every modality the batch carries (`text` picks which text field)."""
+    def encode_texts(self, texts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Encoded]:
+        """Several (ids, mask) sets through the text encoder in one call: rows stacked, each set
+        padded to the longest and trimmed back. The same outputs as a call each (padded keys are
+        masked, the pooled vector sits at <bos>), with one set of kernel launches: a GPU step
+        of this model is bound by the host's launches, not by the GPU."""
+        if len(texts) <= 1:
+            return [self.encode_text(*text) for text in texts]
+        longest = max(ids.shape[1] for ids, _ in texts)
+        ids = torch.cat([F.pad(ids, (0, longest - ids.shape[1]), value=PAD) for ids, _ in texts])
+        mask = torch.cat([F.pad(mask, (0, longest - mask.shape[1]), value=False) for _, mask in texts])
+        joint, out, start = self.encode_text(ids, mask), [], 0
+        for ids, mask in texts:
+            rows = slice(start, start + ids.shape[0])
+            out.append(Encoded(joint.tokens[rows, : ids.shape[1]], mask, joint.pooled[rows]))
+            start += ids.shape[0]
+        return out
+
+    def encode(self, batch: dict, text: str | None = "text") -> dict[str, Encoded]:
+        """Encoder outputs of every modality the batch carries (`text` picks which text field;
+        None: no text)."""
         encoded = {}
-        if f"{text}_ids" in batch:
+        if text is not None and f"{text}_ids" in batch:
             encoded["text"] = self.encode_text(batch[f"{text}_ids"], batch[f"{text}_mask"])
         if "image" in batch:
             encoded["image"] = self.encoders["image"](batch["image"])
@@ -109,6 +128,20 @@ class CrossModalModel(nn.Module):
                     self.to_fusion[m](e.tokens), e.mask & present[m][:, None], self.to_fusion[m](e.pooled)
                 )
         return self.fusion(inputs)
+
+    def fuse_together(self, variants: list[tuple[dict[str, Encoded], dict[str, torch.Tensor]]]) -> list[Fused]:
+        """`fuse` of several (encoded, present) sets of the same modalities and shapes in one
+        call, rows stacked (as `encode_texts`: the same outputs, one set of kernel launches)."""
+        if len(variants) == 1:
+            return [self.fuse(*variants[0])]
+        first, size = variants[0][0], next(iter(variants[0][0].values())).tokens.shape[0]
+        encoded = {m: Encoded(*(torch.cat([v[0][m][i] for v in variants]) for i in range(3))) for m in first}
+        present = {m: torch.cat([v[1][m] for v in variants]) for m in variants[0][1]}
+        fused = self.fuse(encoded, present)
+        return [
+            Fused(fused.tokens[rows], fused.mask[rows], fused.pooled[rows], fused.spans)
+            for rows in (slice(i * size, (i + 1) * size) for i in range(len(variants)))
+        ]
 
     def match_logits(self, fused: Fused) -> torch.Tensor:
         return self.matching_head(fused.pooled)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model.config import LossWeights
 from model.encoders import Encoded
+from model.fusion import Fused
 from model.heads import random_keep
 from model.tokenizer import MASK, PAD
 
@@ -78,13 +79,10 @@ def contrastive(
     return total / count.clamp(min=1), count > 0
 
 
-def embed_negatives(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Embeddings of the batch's hard negative captions, and which rows hold one (a row
-    without one, no <bos>, is embedded too and never scored: choosing rows would wait for the GPU)."""
-    if "negative_ids" not in batch:
-        return None
-    embedded = model.embed({"text": model.encode_text(batch["negative_ids"], batch["negative_mask"])})["text"]
-    return embedded, batch["negative_mask"][:, 0]
+def embed_negatives(model, negatives: Encoded, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the batch's hard negative captions, and which rows hold one (a row without
+    one, no <bos>, is encoded too and never scored: choosing rows would wait for the GPU)."""
+    return model.embed({"text": negatives})["text"], batch["negative_mask"][:, 0]
 
 
 # -- fused tasks -----------------------------------------------------------------------------
@@ -108,22 +106,30 @@ def hard_negatives(embeddings, present, generator) -> tuple[torch.Tensor, torch.
         return (weights / race).argmax(dim=1), found
 
 
-def matching(model, encoded, embeddings, present, context_present, generator) -> TaskLoss:
-    """Positive pairs are labelled 1; each text swapped for its hard negative is labelled 0."""
+def matching_inputs(encoded, embeddings, present, context_present, generator):
+    """The fusion inputs of text-context matching, (encoded, present) each: every sample's own
+    text (a positive), and the text of its hard negative (a negative); and which samples are
+    scored. None when there is nothing to match."""
     if "text" not in encoded or len(encoded) < 2 or encoded["text"].tokens.shape[0] < 2:
-        return _none(encoded)
+        return None
     negative, found = hard_negatives(embeddings, present, generator)
     t = encoded["text"]
     swapped = dict(encoded, text=Encoded(t.tokens[negative], t.mask[negative], t.pooled[negative]))
-    neg_present = dict(context_present, text=present["text"][negative])
-    pos_logits = model.match_logits(model.fuse(encoded, dict(context_present, text=present["text"]))).float()
-    neg_logits = model.match_logits(model.fuse(swapped, neg_present)).float()
+    has_context = torch.stack([context_present[m] for m in encoded if m != "text"]).any(dim=0)
+    return (
+        (encoded, dict(context_present, text=present["text"])),
+        (swapped, dict(context_present, text=present["text"][negative])),
+        present["text"] & has_context & found,
+    )
+
+
+def matching_loss(model, positive: Fused, negative: Fused) -> torch.Tensor:
+    """Positive pairs are labelled 1, each text swapped for its hard negative 0."""
+    pos_logits, neg_logits = model.match_logits(positive).float(), model.match_logits(negative).float()
     ones = torch.ones(pos_logits.shape[0], dtype=torch.long, device=pos_logits.device)
-    loss = (
+    return (
         F.cross_entropy(pos_logits, ones, reduction="none") + F.cross_entropy(neg_logits, 1 - ones, reduction="none")
     ) / 2
-    has_context = torch.stack([context_present[m] for m in encoded if m != "text"]).any(dim=0)
-    return loss, present["text"] & has_context & found
 
 
 def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, ratio: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,14 +147,11 @@ def mask_tokens(ids: torch.Tensor, mask: torch.Tensor, ratio: float, generator) 
     return torch.where(chosen, torch.full_like(ids, MASK), ids), chosen
 
 
-def masked_text(model, batch, encoded, present, context_present, ratio, generator) -> TaskLoss:
-    ids, mask = batch["text_ids"], batch["text_mask"]
-    masked_ids, chosen = mask_tokens(ids, mask, ratio, generator)
-    inputs = dict(encoded, text=model.encode_text(masked_ids, mask))
-    fused = model.fuse(inputs, dict(context_present, text=present["text"]))
+def masked_text_loss(model, fused: Fused, ids: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the masked tokens (`chosen`) predicted from the fused text positions."""
     logits = model.masked_text_head(fused.tokens[:, fused.spans["text"]]).float()
     per_token = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * chosen
-    return per_token.sum(1) / chosen.sum(1).clamp(min=1), present["text"] & chosen.any(dim=1)
+    return per_token.sum(1) / chosen.sum(1).clamp(min=1)
 
 
 def masked_patches(head, patches: torch.Tensor, valid: torch.Tensor, run_encoder, ratio, generator) -> torch.Tensor:
@@ -218,12 +221,13 @@ def caption(model, batch, encoded, present, context_present, record: dict | None
     return loss, applies
 
 
-def question_answering(model, batch, encoded, context_present, record: dict | None = None) -> tuple[TaskLoss, TaskLoss]:
-    """(answer-class loss, free-form answer loss) from question + image/audio."""
+def question_answering(
+    model, batch, encoded, question: Encoded, context_present, record: dict | None = None
+) -> tuple[TaskLoss, TaskLoss]:
+    """(answer-class loss, free-form answer loss) from the encoded question + image/audio."""
     context = {m: e for m, e in encoded.items() if m != "text"}
     labels = batch["answer_label"]
     asked = labels >= 0
-    question = model.encode_text(batch["question_ids"], batch["question_mask"])
     fused = model.fuse(dict(context, text=question), dict(context_present, text=asked))
     logits = model.answer_logits(fused)
     vqa = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
@@ -270,7 +274,11 @@ class MultiTaskObjective:
         """`record`, when given, receives what a distillation loss compares: the embeddings and
         presence flags, the caption logits and the answer logits of this step."""
         w = self.weights
-        encoded = model.encode(batch)
+        texts = self.texts(batch, generator)
+        encoded_texts = dict(zip(texts, model.encode_texts([(ids, mask) for ids, mask, _ in texts.values()])))
+        encoded = model.encode(batch, text=None)
+        if "text" in encoded_texts:  # text first: the modalities in their usual order
+            encoded = {"text": encoded_texts["text"], **encoded}
         any_e = next(iter(encoded.values()))
         size, device = any_e.tokens.shape[0], any_e.tokens.device
         present = {m: model.present(batch, m, size, device) for m in encoded}
@@ -281,23 +289,60 @@ class MultiTaskObjective:
             record |= {"embeddings": embeddings, "present": present}
         tasks: dict[str, TaskLoss] = {}
         if w.contrastive:
-            negatives = embed_negatives(model, batch) if "text" in encoded else None
+            negatives = embed_negatives(model, encoded_texts["negative"], batch) if "negative" in texts else None
             tasks["contrastive"] = contrastive(model, embeddings, present, negatives, w.hard_negative_weight)
-        if w.matching and "text" in encoded:
-            tasks["matching"] = matching(model, encoded, embeddings, present, context_present, generator)
-        if w.masked_text and "text" in encoded:
-            tasks["masked_text"] = masked_text(
-                model, batch, encoded, present, context_present, w.text_mask_ratio, generator
-            )
+        tasks |= self.text_fusion_tasks(
+            model, encoded, encoded_texts, texts, embeddings, present, context_present, generator
+        )
         if w.masked_image and "image" in encoded and model.image_reconstruction is not None:
             tasks["masked_image"] = masked_image(model, batch, present, w.patch_mask_ratio, generator)
         if w.masked_audio and "audio" in encoded:
             tasks["masked_audio"] = masked_audio(model, batch, present, w.patch_mask_ratio, generator)
         if w.caption and "text" in encoded:
             tasks["caption"] = caption(model, batch, encoded, present, context_present, record)
-        if (w.vqa or w.answer) and "question_ids" in batch:
-            tasks["vqa"], tasks["answer"] = question_answering(model, batch, encoded, context_present, record)
+        if "question" in texts:
+            question = encoded_texts["question"]
+            tasks["vqa"], tasks["answer"] = question_answering(model, batch, encoded, question, context_present, record)
         return combine(tasks, w.to_dict(), batch.get("weight"))
+
+    def texts(self, batch: dict, generator) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Every text the step encodes, (ids, mask, masked positions or None) by name: the text,
+        its masked copy, the hard negative captions, the question. They go through the text
+        encoder in one call (`encode_texts`)."""
+        w, texts = self.weights, {}
+        if "text_ids" in batch:
+            ids, mask = batch["text_ids"], batch["text_mask"]
+            texts["text"] = (ids, mask, None)
+            if w.masked_text:
+                masked_ids, chosen = mask_tokens(ids, mask, w.text_mask_ratio, generator)
+                texts["masked"] = (masked_ids, mask, chosen)
+            if w.contrastive and "negative_ids" in batch:
+                texts["negative"] = (batch["negative_ids"], batch["negative_mask"], None)
+        if (w.vqa or w.answer) and "question_ids" in batch:
+            texts["question"] = (batch["question_ids"], batch["question_mask"], None)
+        return texts
+
+    def text_fusion_tasks(
+        self, model, encoded, encoded_texts, texts, embeddings, present, context_present, generator
+    ) -> dict[str, TaskLoss]:
+        """Matching (positive and negative texts) and masked text: three fusions over inputs of
+        the same shapes, run as one (`fuse_together`)."""
+        w, tasks, variants = self.weights, {}, []
+        matched = None
+        if w.matching and "text" in encoded:
+            matched = matching_inputs(encoded, embeddings, present, context_present, generator)
+            variants += [matched[0], matched[1]] if matched is not None else []
+            tasks["matching"] = _none(encoded)
+        if "masked" in texts and "text" in encoded:
+            variants.append((dict(encoded, text=encoded_texts["masked"]), dict(context_present, text=present["text"])))
+        fused = model.fuse_together(variants) if variants else []
+        if matched is not None:
+            tasks["matching"] = (matching_loss(model, fused[0], fused[1]), matched[2])
+        if "masked" in texts and "text" in encoded:
+            chosen = texts["masked"][2]
+            loss = masked_text_loss(model, fused[-1], texts["text"][0], chosen)
+            tasks["masked_text"] = (loss, present["text"] & chosen.any(dim=1))
+        return tasks
 
 
 def combine(
