@@ -20,6 +20,7 @@ above the anchor's. `--device cpu --size tiny` runs all of it on a CPU (the smok
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -77,7 +78,8 @@ def host_work(step, device) -> str:
     except Exception as err:  # noqa: BLE001  (counting must never cost the run its other figures)
         return f"host work not counted ({type(err).__name__}: {str(err)[:80]})"
     sites = ", ".join(f"{site} x{n}" for site, n in syncs.sites.most_common(4))
-    return f"{syncs.calls:,} aten calls, {syncs.count} host syncs per step" + (f" ({sites})" if sites else "")
+    work = f"{syncs.calls:,} aten calls ({syncs.launches:,} not views), {syncs.count} host syncs per step"
+    return work + (f" ({sites})" if sites else "")
 
 
 def busy(step, seconds: float) -> str:
@@ -206,6 +208,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--anchor-batch", type=int, default=256, help="open_clip ViT-B/16's batch")
     parser.add_argument("--precisions", type=lambda v: v.split(","), default=["bf16"], help="DeepSpeed ZeRO-2's")
+    parser.add_argument(
+        "--zero-variant",
+        action="append",
+        default=[],
+        type=json.loads,
+        metavar="JSON",
+        help='also ZeRO-2 bf16 with this laid over its DeepSpeed config, e.g. {"zero_optimization": {...}}',
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--port", type=int, default=29531)
@@ -244,6 +254,11 @@ def main() -> None:
         step = zero_step_fn(cfg, args.batch, precision, 2, 1)
         measure(report, f"{args.size} ZeRO-2 {precision}", step, args.batch, args, flops)
         del step
+    for number, variant in enumerate(args.zero_variant, 1):
+        print(f"ZeRO-2 bf16 variant {number}: {json.dumps(variant)}", flush=True)
+        step = zero_step_fn(cfg, args.batch, "bf16", 2, 1, variant)
+        measure(report, f"{args.size} ZeRO-2 bf16 variant {number}", step, args.batch, args, flops)
+        del step
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if spec is not None:
@@ -259,6 +274,9 @@ def main() -> None:
     best_loop = max(loops, key=lambda n: report.figures[n][0]) if loops else "loop"
     report.target(f"{best_loop} / AMP step", best_loop, amp, at_most=TARGET)
     report.target("ZeRO-2 bf16 / AMP step", f"{args.size} ZeRO-2 bf16", amp, at_most=TARGET)
+    for number in range(1, len(args.zero_variant) + 1):
+        name = f"ZeRO-2 bf16 variant {number}"
+        report.target(f"{name} / AMP step", f"{args.size} {name}", amp, at_most=TARGET)
     report.target("AMP TFLOP/s / open_clip ViT-B/16's", amp, "open_clip ViT-B/16 AMP", at_least=1.0)
 
 

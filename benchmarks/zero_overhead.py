@@ -72,12 +72,20 @@ def ddp_step_fn(model_cfg, batch_size, precision, device, ddp: bool = True):
     return step
 
 
-def zero_step_fn(model_cfg, batch_size, precision, stage, world):
+def zero_step_fn(model_cfg, batch_size, precision, stage, world, deepspeed: dict | None = None):
+    """A DeepSpeed engine's step as the training loop builds it; `deepspeed` is laid over the
+    generated config (train.deepspeed)."""
     from model.multimodal import CrossModalModel
     from pipelines.config.train import TrainConfig
     from pipelines.training.engine import DTYPES, cast_batch, initialize
 
-    cfg = TrainConfig(zero_stage=stage, precision=precision, micro_batch=batch_size, model={"modality_dropout": 0.0})
+    cfg = TrainConfig(
+        zero_stage=stage,
+        precision=precision,
+        micro_batch=batch_size,
+        model={"modality_dropout": 0.0},
+        deepspeed=deepspeed or {},
+    )
     torch.manual_seed(0)
     engine, _ = initialize(CrossModalModel(model_cfg), cfg, world)
     data = cast_batch(synthetic(model_cfg, batch_size, engine.device), DTYPES[precision])

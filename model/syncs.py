@@ -49,7 +49,8 @@ class HostSyncs(TorchDispatchMode):
         super().__init__()
         self.device_tensors_only = device_tensors_only
         self.sites: Counter[str] = Counter()
-        self.calls = 0  # every aten call dispatched: the host's work, kernel launches included
+        self.calls = 0  # every aten call dispatched: the host's work
+        self.launches = 0  # the calls that are not views (a view launches no kernel on a GPU)
 
     @property
     def count(self) -> int:
@@ -57,6 +58,7 @@ class HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += 1
+        self.launches += not is_view(func)
         reason = SYNCING.get(func)
         if reason is None and func is aten.index.Tensor:  # x[bool_mask] is a nonzero in disguise
             indices = args[1] if len(args) > 1 else ()
@@ -67,6 +69,12 @@ class HostSyncs(TorchDispatchMode):
         if reason is not None:
             self.sites[f"{call_site()} {reason}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def is_view(func) -> bool:
+    """An op whose outputs alias its input without writing it (view, transpose, detach, ...)."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
 def on_a_device(args) -> bool:

@@ -188,3 +188,23 @@ def test_nlpaug_imports_without_transformers_and_transformers_still_imports_afte
     # nlpaug capitalises a word swapped into first place (unseeded here): compare ignoring case.
     assert sorted(w.lower() for w in swapped.split()) == ["four", "one", "three", "two"]
     assert after.startswith("transformers ")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_the_foreach_grad_norm_equals_deepspeeds_per_gradient_one(deepspeed_patched, monkeypatch, norm_type):
+    from torch.distributed import ReduceOp
+
+    stage = sys.modules["deepspeed.runtime.zero.stage_1_and_2"]
+    # One rank: the reductions across ranks return what they are given.
+    monkeypatch.setattr(stage, "dist", SimpleNamespace(all_reduce=lambda tensor, op, group: tensor, ReduceOp=ReduceOp))
+    owner = SimpleNamespace(
+        model_parallel_rank=0, dp_process_group=None, device="cpu", _model_parallel_all_reduce=lambda tensor, op: None
+    )
+    g = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(shape, generator=g).to(torch.bfloat16) for shape in [(7, 3), (16,), (1,), (5, 5, 2)]]
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in gradients]
+    original = patches.REPLACED["DeepSpeedZeroOptimizer.get_grad_norm_direct"]
+    theirs = original(owner, gradients, params, norm_type)
+    ours = patches.get_grad_norm_direct(owner, gradients, params, norm_type)
+    assert torch.allclose(ours, theirs, rtol=1e-6) and ours.dtype == theirs.dtype
+    assert deepspeed_patched.get_grad_norm_direct is patches.get_grad_norm_direct
