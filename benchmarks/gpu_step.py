@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import matmul_flops_per_s, sync  # benchmarks/ siblings
 from zero_overhead import ddp_step_fn, timed, zero_step_fn
 
+from model.config import model_config
+
 TARGET = 1.10  # the loop and ZeRO-2, each over the AMP step
 OPEN_CLIP_VOCAB, OPEN_CLIP_CONTEXT = 49408, 77
 
@@ -189,7 +191,6 @@ def loop_samples_per_s(train_cfg, spec, loader_workers: int) -> float:
 
 def model_for(args):
     """(model config, train config, dataset spec): `--size`, or the `--size` model --spec's data fits."""
-    from model.config import model_config
     from model.tokenizer import Tokenizer
     from pipelines.config.train import model_config_for
     from pipelines.training.standalone import read_spec
@@ -246,7 +247,11 @@ def main() -> None:
     else:
         measure(report, "open_clip ViT-B/16 AMP", step, args.anchor_batch, args)
         del step
-    cfg, train_cfg, spec = model_for(args)
+    try:
+        cfg, train_cfg, spec = model_for(args)
+    except ImportError as err:  # a GPU machine without the data path's packages: the synthetic runs still go
+        print(f"--spec: the data path does not import here ({err}); synthetic runs of `{args.size}` only", flush=True)
+        cfg, train_cfg, spec = model_config(args.size), None, None
     step = ddp_step_fn(cfg, args.batch, "bf16", device, ddp=False)
     flops = measure(report, f"{args.size} AMP", step, args.batch, args)
     del step
@@ -262,12 +267,17 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if spec is not None:
-        for workers in args.loader_workers:
-            rate = data_alone(spec, args.batch, workers, device, args.data_batches)
-            report.rate(f"data alone, {workers} workers", rate, None, "loader to the device, no step")
-        for workers in args.loader_workers:
-            rate = loop_samples_per_s(train_cfg, spec, workers)
-            report.rate(f"loop, {workers} workers", rate, flops, "ZeRO-2 bf16 on the shards (synthetic FLOPs/sample)")
+        runs = [("data alone", lambda w: data_alone(spec, args.batch, w, device, args.data_batches))]
+        runs += [("loop", lambda w: loop_samples_per_s(train_cfg, spec, w))]
+        for name, rate_of in runs:
+            for workers in args.loader_workers:
+                try:
+                    rate = rate_of(workers)
+                except Exception as err:  # noqa: BLE001  (one line, and the figures already measured still print)
+                    print(f"{name}, {workers} workers: failed ({type(err).__name__}: {err})", flush=True)
+                    continue
+                what = "loader to the device, no step" if name == "data alone" else "ZeRO-2 bf16 on the shards"
+                report.rate(f"{name}, {workers} workers", rate, flops if name == "loop" else None, what)
     print(f"{args.size} model, batch {args.batch}, {flops / 1e9:.1f} GFLOP per sample; targets:", flush=True)
     amp = f"{args.size} AMP"
     loops = [n for n in report.figures if n.startswith("loop, ")]
