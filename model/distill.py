@@ -54,7 +54,7 @@ def teacher_outputs(teacher: nn.Module, batch: dict) -> TeacherOutputs:
         fused = teacher.fuse(context, present)
         ids, mask = batch[f"{ids_key}_ids"], batch[f"{ids_key}_mask"]
         caption_logits = teacher.decode(fused, ids[:, :-1], mask[:, :-1]).float()
-    if "question_ids" in batch and bool((batch["answer_label"] >= 0).any()):
+    if "question_ids" in batch:  # rows without a question are not scored (the student's `applies`)
         question = teacher.encode_text(batch["question_ids"], batch["question_mask"])
         asked = batch["answer_label"] >= 0
         answer_logits = teacher.answer_logits(teacher.fuse(dict(context, text=question), dict(present, text=asked)))
@@ -75,14 +75,16 @@ def similarity_kl(
     device = next(iter(student.values())).device
     total, count = torch.zeros(size, device=device), torch.zeros(size, device=device)
     for a, b in itertools.combinations([m for m in MODALITIES if m in student and m in teacher], 2):
-        rows = (present[a] & present[b]).nonzero().squeeze(1)
-        if rows.numel() < 2:
-            continue
-        s = student_scale * student[a][rows].float() @ student[b][rows].float().T
-        t = teacher_scale * teacher[a][rows] @ teacher[b][rows].T
-        loss = (row_kl(s, t) + row_kl(s.T, t.T)) / 2
-        total = total.index_add(0, rows, loss)
-        count = count.index_add(0, rows, torch.ones_like(rows, dtype=count.dtype))
+        both = present[a] & present[b]
+        rows = both & (both.sum() >= 2)
+        # Masks, not a row selection (which waits for the GPU): pairs outside `rows` get a finite
+        # floor in both distributions, so they weigh nothing and no row turns NaN.
+        pairs = rows[:, None] & rows[None, :]
+        floor = torch.finfo(torch.float32).min
+        s = (student_scale * student[a].float() @ student[b].float().T).masked_fill(~pairs, floor)
+        t = (teacher_scale * teacher[a] @ teacher[b].T).float().masked_fill(~pairs, floor)
+        loss = torch.where(rows, (row_kl(s, t) + row_kl(s.T, t.T)) / 2, 0.0)
+        total, count = total + loss, count + rows.to(count.dtype)
     return total / count.clamp(min=1), count > 0
 
 

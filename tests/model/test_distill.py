@@ -90,3 +90,31 @@ def test_a_distilled_student_is_closer_to_its_teacher_on_held_out_data(tokenizer
     # Measured: 0.94 distilled against 1.89 without the teacher (0.93 for both at the start).
     assert kl_distilled < 0.7 * kl_plain, (kl_distilled, kl_plain)
     assert objective.teacher_seconds > 0
+
+
+def test_similarity_kl_on_the_rows_that_have_both_equals_the_kl_of_those_rows_alone():
+    g = torch.Generator().manual_seed(0)
+    student = {m: torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1) for m in ("text", "image")}
+    teacher = {m: torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1) for m in ("text", "image")}
+    present = {"text": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool), "image": torch.ones(6, dtype=torch.bool)}
+    present["image"][4] = False
+    s_scale, t_scale = torch.tensor(5.0), torch.tensor(10.0)
+    loss, applies = similarity_kl(student, teacher, present, s_scale, t_scale)
+    rows = torch.tensor([0, 1, 3, 5])
+    s = s_scale * student["text"][rows] @ student["image"][rows].T
+    t = t_scale * teacher["text"][rows] @ teacher["image"][rows].T
+    alone = (row_kl(s, t) + row_kl(s.T, t.T)) / 2
+    assert applies.tolist() == [True, True, False, True, False, True]
+    assert torch.allclose(loss[rows], alone, atol=1e-6) and loss[~applies].abs().max() == 0
+
+
+def test_a_distillation_step_never_makes_the_host_wait_for_the_device(tokenizer, tiny_cfg, demo_batch):
+    from model.syncs import HostSyncs
+
+    teacher, student = CrossModalModel(tiny_cfg), CrossModalModel(tiny_cfg)
+    objective = DistillationObjective(teacher, MultiTaskObjective(WEIGHTS), DistillWeights(), tiny_cfg.embed_dim)
+    with HostSyncs() as syncs:
+        loss, parts = objective(student, demo_batch, torch.Generator().manual_seed(0))
+        loss.backward()
+    assert syncs.count == 0, dict(syncs.sites)
+    assert torch.isfinite(loss) and {"kd_similarity", "kd_answers"} <= set(parts)
