@@ -119,7 +119,8 @@ def take(batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarra
 
 def keep_usable(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     usable = np.array([not r for r in batch["reason"]], dtype=bool)
-    return take(batch, np.flatnonzero(usable))
+    # All usable (the usual case): the batch as it is, not a copy of every image and waveform.
+    return batch if usable.all() else take(batch, np.flatnonzero(usable))
 
 
 def with_epoch(batch: dict[str, np.ndarray], epoch) -> dict[str, np.ndarray]:
@@ -168,7 +169,8 @@ def balance_batch(
         ],
         dtype=np.int64,
     )
-    out = take(batch, np.repeat(np.arange(len(repeats)), repeats))
+    # Every row once (no combo resampled here): no copy of the images and waveforms.
+    out = dict(batch) if (repeats == 1).all() else take(batch, np.repeat(np.arange(len(repeats)), repeats))
     out["weight"] = np.array([weights.get(c, 1.0) for c in out["combo"]], dtype=np.float32)
     return out
 
