@@ -7,8 +7,9 @@
 #
 # `run` installs only the carried wheels whose module does not import there, points the spec's
 # shard paths at the checkout it runs in, says which of the data path's modules are still
-# missing, and runs gpu_step.py: the anchor, AMP, ZeRO-2 (and the variant below), data alone and
-# the loop. The log goes to $OUT (or runs/gpu) as gpu_step.log. ARGS go to gpu_step.py after its
+# missing, and runs gpu_step.py: the anchor, AMP, ZeRO-2 (and the variant below), data alone,
+# the loop and, last, AMP under torch.compile (minutes to compile: what a timeout cuts off is
+# only that). The log goes to $OUT (or runs/gpu) as gpu_step.log. ARGS go to gpu_step.py after its
 # own (e.g. `--device cpu --size tiny --batch 4` rehearses the whole call on a CPU).
 set -euo pipefail
 
@@ -80,7 +81,7 @@ PY
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 "$root/benchmarks/gpu_step.py" --batch 128 --spec "$gpu/spec.json" --loader-workers 8,14 \
         --loop-steps 60 --profile --zero-variant '{"zero_optimization": {"contiguous_gradients": false}}' \
-        "$@" 2>&1 | tee "${OUT:-$gpu}/gpu_step.log"
+        --compile reduce-overhead "$@" 2>&1 | tee "${OUT:-$gpu}/gpu_step.log"
 }
 
 shift

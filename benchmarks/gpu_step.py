@@ -217,6 +217,11 @@ def main() -> None:
         metavar="JSON",
         help='also ZeRO-2 bf16 with this laid over its DeepSpeed config, e.g. {"zero_optimization": {...}}',
     )
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="last in the run: the AMP step with the model and objective under torch.compile in this mode",
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--port", type=int, default=29531)
@@ -274,7 +279,8 @@ def main() -> None:
                 try:
                     rate = rate_of(workers)
                 except Exception as err:  # noqa: BLE001  (one line, and the figures already measured still print)
-                    print(f"{name}, {workers} workers: failed ({type(err).__name__}: {err})", flush=True)
+                    why = " ".join(str(err).split())[:300]
+                    print(f"{name}, {workers} workers: failed ({type(err).__name__}: {why})", flush=True)
                     continue
                 what = "loader to the device, no step" if name == "data alone" else "ZeRO-2 bf16 on the shards"
                 report.rate(f"{name}, {workers} workers", rate, flops if name == "loop" else None, what)
@@ -288,6 +294,21 @@ def main() -> None:
         name = f"ZeRO-2 bf16 variant {number}"
         report.target(f"{name} / AMP step", f"{args.size} {name}", amp, at_most=TARGET)
     report.target("AMP TFLOP/s / open_clip ViT-B/16's", amp, "open_clip ViT-B/16 AMP", at_least=1.0)
+    if args.compile:  # last: compiling the three towers takes minutes, and every figure above is printed
+        name = f"{amp}, torch.compile {args.compile}"
+        started = time.perf_counter()
+        step = ddp_step_fn(cfg, args.batch, "bf16", device, ddp=False, compile_mode=args.compile)
+        try:
+            step()  # the compilation
+        except Exception as err:  # noqa: BLE001  (one line; every figure above is already printed)
+            why = " ".join(str(err).split())[:300]  # one line
+            print(f"torch.compile {args.compile}: failed ({type(err).__name__}: {why})", flush=True)
+            return
+        print(f"torch.compile {args.compile}: compiled in {time.perf_counter() - started:.0f} s", flush=True)
+        measure(report, name, step, args.batch, args, flops)
+        if name in report.figures:
+            print(f"  {name} / AMP step: {report.figures[amp][0] / report.figures[name][0]:.2f}x", flush=True)
+        report.target(f"{name}: TFLOP/s / open_clip ViT-B/16's", name, "open_clip ViT-B/16 AMP", at_least=1.0)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def timed(step, steps: int, device) -> list[float]:
     return times
 
 
-def ddp_step_fn(model_cfg, batch_size, precision, device, ddp: bool = True):
+def ddp_step_fn(model_cfg, batch_size, precision, device, ddp: bool = True, compile_mode: str | None = None):
     """Plain PyTorch: autocast in `precision`, AdamW (fused on GPU), clipping; under DDP unless
-    `ddp` is False (the one-GPU AMP baseline: no wrapper at all)."""
+    `ddp` is False (the one-GPU AMP baseline: no wrapper at all); with `compile_mode`, the model
+    and its objective under torch.compile in that mode."""
     from torch.nn.parallel import DistributedDataParallel
 
     from model.multimodal import CrossModalModel
@@ -57,6 +58,8 @@ def ddp_step_fn(model_cfg, batch_size, precision, device, ddp: bool = True):
     torch.manual_seed(0)
     module = ObjectiveModule(CrossModalModel(model_cfg).to(device), MultiTaskObjective(modality_dropout=0.0))
     net = DistributedDataParallel(module) if ddp else module
+    if compile_mode:
+        net = torch.compile(net, mode=compile_mode)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     data = synthetic(model_cfg, batch_size, device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
