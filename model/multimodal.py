@@ -132,8 +132,8 @@ class CrossModalModel(nn.Module):
     def fuse_together(self, variants: list[tuple[dict[str, Encoded], dict[str, torch.Tensor]]]) -> list[Fused]:
         """`fuse` of several (encoded, present) sets of the same modalities and shapes in one
         call, rows stacked (as `encode_texts`: the same outputs, one set of kernel launches)."""
-        if len(variants) == 1:
-            return [self.fuse(*variants[0])]
+        if len(variants) <= 1:
+            return [self.fuse(*variant) for variant in variants]
         first, size = variants[0][0], next(iter(variants[0][0].values())).tokens.shape[0]
         encoded = {m: Encoded(*(torch.cat([v[0][m][i] for v in variants]) for i in range(3))) for m in first}
         present = {m: torch.cat([v[1][m] for v in variants]) for m in variants[0][1]}

@@ -331,14 +331,16 @@ class MultiTaskObjective:
         matched = None
         if w.matching and "text" in encoded:
             matched = matching_inputs(encoded, embeddings, present, context_present, generator)
-            variants += [matched[0], matched[1]] if matched is not None else []
-            tasks["matching"] = _none(encoded)
-        if "masked" in texts and "text" in encoded:
+            if matched is None:
+                tasks["matching"] = _none(encoded)
+            else:
+                variants += matched[:2]
+        if "masked" in texts:  # a masked copy exists only where the batch has text
             variants.append((dict(encoded, text=encoded_texts["masked"]), dict(context_present, text=present["text"])))
-        fused = model.fuse_together(variants) if variants else []
+        fused = model.fuse_together(variants)
         if matched is not None:
             tasks["matching"] = (matching_loss(model, fused[0], fused[1]), matched[2])
-        if "masked" in texts and "text" in encoded:
+        if "masked" in texts:
             chosen = texts["masked"][2]
             loss = masked_text_loss(model, fused[-1], texts["text"][0], chosen)
             tasks["masked_text"] = (loss, present["text"] & chosen.any(dim=1))
